@@ -1,0 +1,21 @@
+/*
+ * comm.h - core-internal helpers shared by comm.c, handle.c, api.c and validate.c.
+ */
+#ifndef EPX_CORE_COMM_H
+#define EPX_CORE_COMM_H
+
+#include "core/internal.h"
+
+/* Registry of live communicators and handles (pointers only, never dereferenced). */
+int epx_registry_add(const void *p);
+void epx_registry_remove(const void *p);
+int epx_registry_contains(const void *p);
+
+/* Resolves and checks a caller config: defaults filled, backend chosen. */
+epxResult_t epx_config_resolve(const epxConfig_t *in, int nranks, epxConfig_t *out);
+
+/* Entry check of every call taking a communicator: live, not failed. Clears
+ * the last-error message. */
+epxResult_t epx_comm_enter(epxComm_t comm, const char *fn);
+
+#endif /* EPX_CORE_COMM_H */

@@ -1,0 +1,88 @@
+/*
+ * params.c - the table of every environment variable epx reads.
+ */
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "core/log.h"
+#include "core/params.h"
+
+typedef struct epxParamDef {
+  const char *name;
+  int is_int;
+  int64_t int_default;
+  const char *str_default;
+  const char *description;
+} epxParamDef;
+
+static const epxParamDef param_defs[EPX_PARAM_COUNT] = {
+    [EPX_PARAM_DEBUG] = {"EPX_DEBUG", 0, 0, "", "log level: WARN, INFO or TRACE (silent when unset)"},
+    [EPX_PARAM_TIMEOUT_MS] = {"EPX_TIMEOUT_MS", 1, 30000, NULL,
+                              "hard timeout of every wait on a peer, when the config leaves it 0"},
+    [EPX_PARAM_SOFT_TIMEOUT_MS] = {"EPX_SOFT_TIMEOUT_MS", 1, 5000, NULL,
+                                   "waits longer than this are logged at WARN"},
+    [EPX_PARAM_BOOTSTRAP_TIMEOUT_MS] = {"EPX_BOOTSTRAP_TIMEOUT_MS", 1, 60000, NULL,
+                                        "deadline of init, when the config leaves it 0"},
+    [EPX_PARAM_SOCKET_IFNAME] = {"EPX_SOCKET_IFNAME", 0, 0, "",
+                                 "network interface the rendezvous binds to"},
+    [EPX_PARAM_SOCKET_LOOPBACK] = {"EPX_SOCKET_LOOPBACK", 1, 0, NULL,
+                                   "1: bind the rendezvous to 127.0.0.1 (single host)"},
+    [EPX_PARAM_HOST_CHUNK_TOKENS] = {"EPX_HOST_CHUNK_TOKENS", 1, 256, NULL,
+                                     "host backend: source tokens per shared-memory round"},
+    [EPX_PARAM_DUMP_PARAMS] = {"EPX_DUMP_PARAMS", 1, 0, NULL, "1: print this table at first use"},
+};
+
+static int64_t int_values[EPX_PARAM_COUNT];
+static const char *str_values[EPX_PARAM_COUNT];
+static pthread_once_t params_once = PTHREAD_ONCE_INIT;
+
+static void params_load(void) {
+  for (int p = 0; p < EPX_PARAM_COUNT; ++p) {
+    const epxParamDef *d = &param_defs[p];
+    const char *env = getenv(d->name);
+    if (d->is_int) {
+      int_values[p] = d->int_default;
+      if (env && *env) {
+        char *end = NULL;
+        errno = 0;
+        long long v = strtoll(env, &end, 10);
+        if (errno || *end || v < 0)
+          fprintf(stderr, "epx: ignoring %s=%s (expected a non-negative integer)\n", d->name, env);
+        else
+          int_values[p] = v;
+      }
+    } else {
+      str_values[p] = (env && *env) ? env : d->str_default;
+    }
+  }
+  /* Overrides are logged only after all values are loaded, since logging reads EPX_DEBUG. */
+  for (int p = 0; p < EPX_PARAM_COUNT; ++p) {
+    const char *env = getenv(param_defs[p].name);
+    if (env && *env) EPX_INFO(-1, "%s set to %s", param_defs[p].name, env);
+  }
+  if (int_values[EPX_PARAM_DUMP_PARAMS]) epx_params_dump();
+}
+
+int64_t epx_param_int(epxParam_t p) {
+  pthread_once(&params_once, params_load);
+  return int_values[p];
+}
+
+const char *epx_param_str(epxParam_t p) {
+  pthread_once(&params_once, params_load);
+  return str_values[p] ? str_values[p] : "";
+}
+
+void epx_params_dump(void) {
+  for (int p = 0; p < EPX_PARAM_COUNT; ++p) {
+    const epxParamDef *d = &param_defs[p];
+    if (d->is_int)
+      fprintf(stderr, "epx param %-26s = %-8lld (default %lld) %s\n", d->name,
+              (long long)int_values[p], (long long)d->int_default, d->description);
+    else
+      fprintf(stderr, "epx param %-26s = %-8s (default \"%s\") %s\n", d->name,
+              str_values[p] ? str_values[p] : "", d->str_default, d->description);
+  }
+}

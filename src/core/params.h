@@ -1,0 +1,27 @@
+/*
+ * params.h - every environment variable epx reads, in one table (params.c).
+ * Values are read once, on first use; each override is logged at INFO and the
+ * whole table is printed when EPX_DUMP_PARAMS=1.
+ */
+#ifndef EPX_CORE_PARAMS_H
+#define EPX_CORE_PARAMS_H
+
+#include <stdint.h>
+
+typedef enum epxParam {
+  EPX_PARAM_DEBUG,                /* string: WARN | INFO | TRACE */
+  EPX_PARAM_TIMEOUT_MS,           /* int: hard timeout of waits on peers */
+  EPX_PARAM_SOFT_TIMEOUT_MS,      /* int: waits longer than this are logged */
+  EPX_PARAM_BOOTSTRAP_TIMEOUT_MS, /* int: deadline of init */
+  EPX_PARAM_SOCKET_IFNAME,        /* string: interface the rendezvous binds to */
+  EPX_PARAM_SOCKET_LOOPBACK,      /* int: 1 = bind the rendezvous to 127.0.0.1 */
+  EPX_PARAM_HOST_CHUNK_TOKENS,    /* int: host backend tokens per shared-memory round */
+  EPX_PARAM_DUMP_PARAMS,          /* int: 1 = print this table at first use */
+  EPX_PARAM_COUNT
+} epxParam_t;
+
+int64_t epx_param_int(epxParam_t p);
+const char *epx_param_str(epxParam_t p); /* "" when unset and without default */
+void epx_params_dump(void);
+
+#endif /* EPX_CORE_PARAMS_H */
