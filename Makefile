@@ -42,7 +42,7 @@ ifeq ($(WITH_CUDA),1)
   NVCCFLAGS := -std=c++17 -O3 -arch=$(CUDA_ARCH) -Xcompiler -fPIC,-fvisibility=hidden,-Wall,-Werror \
                -Werror all-warnings -fmad=false -Iinclude -Isrc -DEPX_WITH_CUDA=1 -lineinfo
   CUDA_OBJS := $(CUDA_SRCS:%.cu=$(BUILD)/obj/%.o)
-  CUDA_LIBS := -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart
+  CUDA_LIBS := -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart -lstdc++
 endif
 
 SO := $(BUILD)/libepx.so
@@ -63,11 +63,17 @@ BENCH := $(BUILD)/epx-bench
 all: lib $(REF_LIB)
 lib: $(SO) $(AR_LIB)
 
-$(BUILD)/obj/%.o: %.c
+# Objects are rebuilt when the flags change (for example when nvcc appears and
+# EPX_WITH_CUDA is defined), not only when sources do.
+FLAGS_STAMP := $(BUILD)/flags.stamp
+FLAGS_NOW := $(CC) $(CFLAGS) $(NVCC) $(WITH_CUDA)
+$(shell mkdir -p $(BUILD); [ "$$(cat $(FLAGS_STAMP) 2>/dev/null)" = "$(FLAGS_NOW)" ] || echo "$(FLAGS_NOW)" > $(FLAGS_STAMP))
+
+$(BUILD)/obj/%.o: %.c $(FLAGS_STAMP)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -MMD -MP -c $< -o $@
 
-$(BUILD)/obj/%.o: %.cu
+$(BUILD)/obj/%.o: %.cu $(FLAGS_STAMP)
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVCCFLAGS) -MMD -MP -c $< -o $@
 

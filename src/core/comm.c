@@ -370,8 +370,10 @@ fail:
 EPX_API epxResult_t epxGetUniqueId(epxUniqueId *unique_id) {
   if (!unique_id) return epx_error(NULL, epxInvalidArgument, "epxGetUniqueId: unique_id is NULL");
   char err[EPX_ERROR_MSG_BYTES] = "";
-  epxResult_t res = epx_bootstrap_get_unique_id(
-      unique_id, epx_param_int(EPX_PARAM_BOOTSTRAP_TIMEOUT_MS), err, sizeof err);
+  /* The root outlives the ranks' own init deadline (counted from their init,
+   * which may start later), and exits early once every rank has closed. */
+  int64_t root_deadline_ms = 2 * epx_param_int(EPX_PARAM_BOOTSTRAP_TIMEOUT_MS) + 10000;
+  epxResult_t res = epx_bootstrap_get_unique_id(unique_id, root_deadline_ms, err, sizeof err);
   if (res != epxSuccess) return epx_error(NULL, res, "epxGetUniqueId: %s", err);
   return epxSuccess;
 }

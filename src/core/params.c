@@ -5,6 +5,7 @@
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <strings.h>
 
 #include "core/log.h"
 #include "core/params.h"
@@ -57,10 +58,13 @@ static void params_load(void) {
       str_values[p] = (env && *env) ? env : d->str_default;
     }
   }
-  /* Overrides are logged only after all values are loaded, since logging reads EPX_DEBUG. */
-  for (int p = 0; p < EPX_PARAM_COUNT; ++p) {
+  /* Overrides are logged here with epx_log directly: the EPX_INFO macro asks
+   * epx_log_level(), which reads this table and would re-enter pthread_once. */
+  const char *debug = str_values[EPX_PARAM_DEBUG];
+  int info = !strcasecmp(debug, "INFO") || !strcasecmp(debug, "TRACE");
+  for (int p = 0; p < EPX_PARAM_COUNT && info; ++p) {
     const char *env = getenv(param_defs[p].name);
-    if (env && *env) EPX_INFO(-1, "%s set to %s", param_defs[p].name, env);
+    if (env && *env) epx_log(EPX_LOG_INFO, -1, "%s set to %s", param_defs[p].name, env);
   }
   if (int_values[EPX_PARAM_DUMP_PARAMS]) epx_params_dump();
 }

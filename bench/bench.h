@@ -1,0 +1,233 @@
+/*
+ * bench.h - epx-bench: the parts of the benchmark and how they meet.
+ *
+ *  epx_bench.c     command line, one forked job per mode, the table and the records
+ *  bench_rank.c    what every rank runs: init, inputs, one checked iteration, warm-up,
+ *                  timed iterations of each operation
+ *  bench_check.c   comparison of one iteration's outputs with the CPU reference
+ *  bench_shm.c     the channel between the ranks and the parent: a barrier, per-iteration
+ *                  times, per-rank byte counts and verdicts, in shared memory made before fork
+ *  bench_stats.c   percentiles, the slowest rank, bytes counted from the routing
+ *  bench_json.c    result records (spec.md §9) and the merge into bench/results/<machine>.json
+ *  bench_device.c  which device serves a backend; host views of device buffers
+ *  bench_host.c    the host "device": host memory, wall-clock timing, a 64 MiB cache flush
+ *
+ * A CUDA path adds bench_cuda.c with another benchDevice named "cuda" (device buffers, one
+ * stream, CUDA events, an L2 flush, the NCCL all-to-all baseline), compiled with the CUDA
+ * include path and EPX_BENCH_HAVE_CUDA defined (a Makefile change); bench_device.c then hands
+ * it out for --backend cuda. The baseline also needs its own timed series per op, reported
+ * as nccl_time_us_p50 (now always null).
+ */
+#ifndef EPX_BENCH_H
+#define EPX_BENCH_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/harness.h"
+#include "epx.h"
+
+/* ------------------------------------------------------------ operations */
+
+typedef enum benchMode { BENCH_NORMAL = 0, BENCH_LOW_LATENCY = 1, BENCH_NUM_MODES = 2 } benchMode;
+typedef enum benchDtype { BENCH_BF16 = 0, BENCH_FP8 = 1, BENCH_NUM_DTYPES = 2 } benchDtype;
+
+/* The timed series. A record (one line of the table) is one series, except that the normal
+ * dispatch record takes its time from BENCH_DISPATCH (the data movement alone, with the
+ * routing cached in the handle) and its e2e_us from BENCH_DISPATCH_E2E (layout + count
+ * exchange + dispatch). */
+typedef enum benchSeries {
+  BENCH_LAYOUT = 0,       /* epxGetDispatchLayout */
+  BENCH_DISPATCH_E2E = 1, /* epxGetDispatchLayout + epxDispatchNotify + epxDispatch */
+  BENCH_DISPATCH = 2,     /* epxDispatch with a filled handle (cached re-dispatch) */
+  BENCH_COMBINE = 3,      /* epxCombine */
+  BENCH_LL_DISPATCH = 4,  /* epxLowLatencyDispatch */
+  BENCH_LL_COMBINE = 5,   /* epxLowLatencyCombine */
+  BENCH_NUM_SERIES = 6
+} benchSeries;
+
+const char *bench_mode_name(benchMode m);   /* "normal", "low_latency" */
+const char *bench_dtype_name(benchDtype d); /* "bf16", "fp8" */
+const char *bench_series_op(benchSeries s); /* "layout", "dispatch", "combine" */
+
+/* --------------------------------------------------------------- options */
+
+typedef struct benchOptions {
+  int nranks;
+  int ranks_per_node; /* 0 = all ranks */
+  epxBackend_t backend;
+  int modes[BENCH_NUM_MODES];   /* 1 = run this mode */
+  int dtypes[BENCH_NUM_DTYPES]; /* 1 = run this dtype */
+  int tokens;                   /* 0 = the mode's standard T */
+  int hidden, topk, experts;
+  int iters, warmup;
+  int sms;
+  int check;
+  uint64_t seed;
+  int timeout_s;         /* wall-clock limit of one mode's job */
+  const char *json_path; /* NULL = no records written */
+  const char *machine;
+  int print_backend;  /* --print-backend: say what would run, run nothing */
+  char command[2048]; /* argv joined, for the records */
+} benchOptions;
+
+/* Standard shapes (spec.md §8). */
+#define BENCH_STD_NORMAL_TOKENS 4096
+#define BENCH_STD_LL_TOKENS 128
+#define BENCH_STD_HIDDEN 7168
+#define BENCH_STD_TOPK 8
+#define BENCH_STD_EXPERTS 256
+/* Recorded runs take the median of at least this many timed iterations (spec.md §8). */
+#define BENCH_MIN_RECORDED_ITERS 50
+
+/* T of a mode under these options. */
+int bench_mode_tokens(const benchOptions *o, benchMode m);
+
+/* ---------------------------------------------------------------- device */
+
+/* Where the benchmark keeps the buffers it hands to epx, and how it times a call. The host
+ * device uses host memory and the wall clock; a CUDA device uses device memory, one stream
+ * and CUDA events. Every function returns 0 on success, nonzero after printing why. */
+typedef struct benchDevice {
+  const char *name;
+  epxBackend_t backend;
+  int host_addressable; /* buffers are host memory: bench_fetch needs no copy */
+  /* Ranks this device can run by default (GPUs visible; the host: 0 = no preference). */
+  int (*default_ranks)(void);
+  /* Per rank, after fork and before epxCommInitRank: pick the GPU, make the stream, ... */
+  int (*rank_setup)(int rank, int nranks);
+  void (*rank_teardown)(void);
+  void *(*alloc)(size_t bytes); /* NULL after printing why */
+  void (*free)(void *p);
+  int (*upload)(void *dst, const void *src, size_t bytes);
+  int (*download)(void *dst, const void *src, size_t bytes);
+  int (*fill)(void *dst, int byte, size_t bytes);
+  epxStream_t (*stream)(void);
+  /* Evicts the benchmark's data from the caches between timed iterations. */
+  void (*flush_cache)(void);
+  /* Brackets one timed region; stop waits for the work and returns microseconds. */
+  void (*timer_start)(void);
+  double (*timer_stop_us)(void);
+  /* Time of the baseline moving the same tokens (NCCL all-to-all), or < 0 when the device
+   * has none. Unused on the host. */
+  double (*baseline_us)(void);
+} benchDevice;
+
+extern const benchDevice bench_host_device;
+/* The device serving `backend` in this build, or NULL. */
+const benchDevice *bench_device_for(epxBackend_t backend);
+
+/* A host view of `bytes` of device buffer `p`: `p` itself on a host-addressable device,
+ * else a copy in *scratch (malloc'd, freed by the caller). NULL after printing why. */
+const void *bench_fetch(const benchDevice *dev, const void *p, size_t bytes, void **scratch);
+
+/* ----------------------------------------------------------- the channel */
+
+/* Per-rank figures a rank reports to the parent for one (dtype, series). */
+typedef struct benchRankBytes {
+  double logical;  /* DeepEP's count (spec.md §8) */
+  double physical; /* payload bytes this rank sends to other ranks (self excluded) */
+} benchRankBytes;
+
+typedef enum benchVerdict {
+  BENCH_NOT_RUN = 0,
+  BENCH_UNCHECKED = 1, /* ran; --no-check */
+  BENCH_CORRECT = 2,
+  BENCH_WRONG = 3
+} benchVerdict;
+
+typedef struct benchShm benchShm;
+
+/* Shared memory for nranks ranks and `iters` timed iterations, made by the parent before it
+ * forks the ranks (MAP_SHARED | MAP_ANONYMOUS). NULL after printing why. */
+benchShm *bench_shm_create(int nranks, int iters);
+void bench_shm_destroy(benchShm *s);
+/* Clears every figure and the failure flag, for the next job. */
+void bench_shm_reset(benchShm *s);
+
+/* Waits until every rank has arrived. Returns 0, or nonzero when a rank has reported failure
+ * or `timeout_s` passes (a lost rank must not hang the others). */
+int bench_barrier(benchShm *s, double timeout_s);
+/* Marks the job failed, so waiting ranks leave their barriers. */
+void bench_shm_fail(benchShm *s);
+int bench_shm_failed(const benchShm *s);
+
+double *bench_shm_times(benchShm *s, benchDtype d, benchSeries op, int rank); /* [iters] */
+const double *bench_shm_times_c(const benchShm *s, benchDtype d, benchSeries op, int rank);
+benchRankBytes *bench_shm_bytes(benchShm *s, benchDtype d, benchSeries op, int rank);
+const benchRankBytes *bench_shm_bytes_c(const benchShm *s, benchDtype d, benchSeries op, int rank);
+void bench_shm_set_verdict(benchShm *s, benchDtype d, benchSeries op, int rank, benchVerdict v);
+benchVerdict bench_shm_verdict(const benchShm *s, benchDtype d, benchSeries op, int rank);
+/* buffer_bytes reported by rank 0 for a mode (epxGetSizeHints). */
+void bench_shm_set_buffer_bytes(benchShm *s, size_t bytes);
+size_t bench_shm_buffer_bytes(const benchShm *s);
+int bench_shm_iters(const benchShm *s);
+
+/* ------------------------------------------------------------- one rank */
+
+typedef struct benchJob {
+  const benchOptions *opt;
+  const benchDevice *dev;
+  benchMode mode;
+  benchShm *shm;
+} benchJob;
+
+/* The epx_test_rank_fn of one mode's job: arg is a benchJob. */
+int bench_rank_main(int rank, int nranks, const epxUniqueId *id, void *arg);
+
+/* ------------------------------------------------------------ statistics */
+
+/* Nearest-rank percentile (0 < q <= 1) of n values; sorts `v` in place. */
+double bench_percentile(double *v, int n, double q);
+
+/* Routing counts of one rank, from every rank's topk (all regenerated from the seed). */
+typedef struct benchRouting {
+  int64_t tokens;      /* T of this rank */
+  int64_t selections;  /* valid (token, slot) pairs of this rank's topk */
+  int64_t recv_rows;   /* N_recv: tokens of all ranks with an expert here */
+  int64_t recv_remote; /* of those, tokens from other ranks */
+  int64_t send_remote; /* (token, rank) pairs, rank != me, with an expert of the token */
+} benchRouting;
+
+/* Counts routing of rank `rank` of problem `p`. */
+void bench_count_routing(const epx_test_problem *p, int rank, benchRouting *out);
+
+/* Logical and physical bytes of (dtype, series) for one rank (spec.md §8). */
+benchRankBytes bench_series_bytes(benchDtype d, benchSeries s, int hidden, const benchRouting *r);
+
+/* One line of the table and one JSON record. */
+typedef struct benchRecord {
+  benchMode mode;
+  benchSeries series; /* BENCH_DISPATCH for the dispatch record */
+  benchDtype dtype;
+  int ranks, ranks_per_node, tokens, hidden, topk, experts, sms;
+  double time_us_p50, time_us_p99;
+  double logical_gbps, physical_gbps; /* < 0: none (layout) */
+  double e2e_us;
+  double nccl_time_us_p50; /* < 0: null */
+  size_t buffer_bytes;
+  benchVerdict verdict;
+} benchRecord;
+
+/* Summarises one (dtype, series) of a finished job into *rec; 0 when the series ran. */
+int bench_summarise(const benchShm *s, const benchOptions *o, benchMode mode, benchDtype d,
+                    benchSeries series, benchRecord *rec);
+
+/* ------------------------------------------------------------------ JSON */
+
+typedef struct benchRunInfo {
+  char date[32];   /* ISO 8601 UTC */
+  char commit[64]; /* git rev-parse --short HEAD, or "unknown" */
+  const char *machine;
+  const char *command;
+} benchRunInfo;
+
+void bench_run_info(benchRunInfo *info, const benchOptions *o);
+/* One record as a single-line JSON object (no newline); returns its length or -1. */
+int bench_record_json(const benchRecord *rec, const benchRunInfo *info, char *buf, size_t cap);
+/* Merges records into the JSON array at `path`: a record replaces the one of the same
+ * configuration (mode, op, dtype, ranks, ranks_per_node, tokens, hidden, topk, experts, sms),
+ * others are kept as they are, new ones appended. Atomic (temp file + rename). 0 on success. */
+int bench_json_merge(const char *path, const benchRecord *recs, int n, const benchRunInfo *info);
+
+#endif /* EPX_BENCH_H */

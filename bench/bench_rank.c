@@ -1,0 +1,651 @@
+/*
+ * bench_rank.c - what every rank of a benchmark job runs.
+ *
+ * One job per mode, one communicator per job, so that each mode's buffers are those it
+ * needs (buffer_bytes is that mode's) and the machine holds one mode's memory at a time.
+ * For each dtype pass:
+ *   1. one checked iteration: outputs poisoned, every operation run once and compared with
+ *      the CPU reference (checks that need every rank's expected outputs run one rank at a
+ *      time, so that only one rank at a time holds them);
+ *   2. per operation, --warmup untimed and --iters timed iterations; before each, the caches
+ *      are flushed and the ranks meet at a barrier, so an iteration's time is that of one
+ *      collective call started together.
+ * The combines move BF16 whatever the dispatch dtype, so they run in the BF16 pass, on the
+ * BF16 dispatch's outputs (identity experts). The layout does not depend on the dtype: it
+ * runs in the first pass only and is recorded under that pass's dtype.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bench.h"
+#include "bench_check.h"
+#include "common/layout_math.h"
+
+/* Barrier wait before a rank gives up on a missing peer (s); larger than any one call. */
+#define BARRIER_TIMEOUT_S 600.0
+
+typedef struct rankState {
+  const benchJob *job;
+  const benchOptions *opt;
+  const benchDevice *dev;
+  benchShm *shm;
+  int rank, nranks, tokens, E_local;
+  epx_test_problem p;
+  epxComm_t comm;
+  epxHandle_t handle;
+  benchRouting routing;
+
+  /* inputs (device buffers) */
+  void *topk, *weights, *x_bf16, *x_fp8, *scales;
+  /* normal mode outputs */
+  int *per_rank, *per_node, *per_expert;
+  uint8_t *in_rank;
+  int64_t num_recv;
+  void *recv_x, *recv_scales, *recv_topk, *recv_weights;
+  int *recv_src, *recv_prefix, *recv_per_expert, *recv_num;
+  void *combined_x, *combined_weights;
+  /* low-latency outputs */
+  void *ll_recv_x, *ll_scales, *ll_src_info, *ll_range, *ll_count;
+
+  /* the call being timed */
+  benchDtype dtype;
+} rankState;
+
+/* ----------------------------------------------------------- plumbing */
+
+static int epx_failed(rankState *st, const char *what, epxResult_t res) {
+  if (res == epxSuccess) return 0;
+  fprintf(stderr, "epx-bench rank %d: %s: %s: %s\n", st->rank, what, epxGetErrorString(res),
+          epxCommGetLastError(st->comm));
+  bench_shm_fail(st->shm);
+  return 1;
+}
+
+static void *dev_alloc(rankState *st, size_t bytes) {
+  void *p = st->dev->alloc(bytes);
+  if (!p) bench_shm_fail(st->shm);
+  return p;
+}
+
+static void dev_free(rankState *st, void **p) {
+  if (*p) st->dev->free(*p);
+  *p = NULL;
+}
+
+static int dev_poison(rankState *st, void *p, size_t bytes) {
+  return p ? st->dev->fill(p, EPX_TEST_POISON_BYTE, bytes) : 0;
+}
+
+/* Generates a host array with `fill` and uploads it to a new device buffer. */
+static void *upload_new(rankState *st, size_t bytes, void (*fill)(rankState *, void *)) {
+  void *host = epx_test_xmalloc(bytes + 1);
+  fill(st, host);
+  void *d = dev_alloc(st, bytes + 1);
+  if (d && st->dev->upload(d, host, bytes)) {
+    st->dev->free(d);
+    d = NULL;
+    bench_shm_fail(st->shm);
+  }
+  free(host);
+  return d;
+}
+
+static void fill_topk(rankState *st, void *h) { epx_test_fill_topk(&st->p, st->rank, h, 1); }
+static void fill_weights(rankState *st, void *h) { epx_test_fill_weights(&st->p, st->rank, h); }
+static void fill_x_bf16(rankState *st, void *h) { epx_test_fill_x_bf16(&st->p, st->rank, h); }
+static void fill_x_fp8(rankState *st, void *h) { epx_test_fill_x_fp8(&st->p, st->rank, h); }
+static void fill_scales(rankState *st, void *h) { epx_test_fill_scales_f32(&st->p, st->rank, h); }
+
+static void set_verdict(rankState *st, benchSeries s, benchVerdict v) {
+  bench_shm_set_verdict(st->shm, st->dtype, s, st->rank, v);
+}
+
+/* Records the verdict of a check result (<0: the reference failed, a rank error). */
+static int record_check(rankState *st, benchSeries s, int64_t bad, const char *what) {
+  if (bad < 0) {
+    fprintf(stderr, "epx-bench rank %d: the reference for %s could not run (out of memory?)\n",
+            st->rank, what);
+    bench_shm_fail(st->shm);
+    return 1;
+  }
+  if (bad > 0)
+    fprintf(stderr,
+            "epx-bench rank %d: %s %s: %lld elements differ from the reference (seed %llu)\n",
+            st->rank, bench_dtype_name(st->dtype), what, (long long)bad,
+            (unsigned long long)st->p.seed);
+  set_verdict(st, s, bad == 0 ? BENCH_CORRECT : BENCH_WRONG);
+  return 0;
+}
+
+/* Runs `fn` on one rank at a time, in rank order. */
+static int one_at_a_time(rankState *st, int (*fn)(rankState *, void *), void *ctx) {
+  int rc = 0;
+  for (int r = 0; r < st->nranks; ++r) {
+    if (bench_barrier(st->shm, BARRIER_TIMEOUT_S)) return 1;
+    if (r == st->rank) rc = fn(st, ctx);
+  }
+  if (bench_barrier(st->shm, BARRIER_TIMEOUT_S)) return 1;
+  return rc;
+}
+
+/* --------------------------------------------------------- operations */
+
+typedef epxResult_t (*benchOpFn)(rankState *st);
+
+static epxDispatchArgs_t dispatch_args(rankState *st, int cached) {
+  epxDispatchArgs_t a;
+  memset(&a, 0, sizeof(a));
+  int fp8 = st->dtype == BENCH_FP8;
+  a.x = fp8 ? st->x_fp8 : st->x_bf16;
+  a.x_type = fp8 ? epxFloat8E4M3 : epxBFloat16;
+  a.x_scales = fp8 ? st->scales : NULL;
+  a.scale_format = fp8 ? epxScalesFloat32 : epxScalesNone;
+  /* A cached re-dispatch (the backward pass's) moves payloads only: no routing in or out. */
+  a.topk_idx = cached ? NULL : st->topk;
+  a.topk_idx_type = epxInt64;
+  a.topk_weights = cached ? NULL : st->weights;
+  a.num_tokens = st->tokens;
+  a.hidden = st->opt->hidden;
+  a.num_topk = st->opt->topk;
+  return a;
+}
+
+static epxDispatchOutputs_t dispatch_outputs(rankState *st, int cached) {
+  epxDispatchOutputs_t o;
+  memset(&o, 0, sizeof(o));
+  int fp8 = st->dtype == BENCH_FP8;
+  o.recv_x = st->recv_x;
+  o.recv_x_scales = fp8 ? st->recv_scales : NULL;
+  o.recv_topk_idx = cached ? NULL : st->recv_topk;
+  o.recv_topk_weights = cached ? NULL : st->recv_weights;
+  o.recv_src_idx = st->recv_src;
+  o.recv_rank_prefix = st->recv_prefix;
+  o.num_recv_tokens_per_expert = st->recv_per_expert;
+  o.num_recv_tokens = st->recv_num;
+  o.capacity_rows = st->num_recv;
+  return o;
+}
+
+static epxResult_t op_layout(rankState *st) {
+  epxLayout_t l = {st->per_rank, st->per_node, st->per_expert, st->in_rank};
+  return epxGetDispatchLayout(st->comm, st->topk, epxInt64, st->tokens, st->opt->topk, &l,
+                              st->dev->stream());
+}
+
+/* Layout + count exchange + dispatch: what a forward pass pays for one dispatch. */
+static epxResult_t op_dispatch_e2e(rankState *st) {
+  epxResult_t res = op_layout(st);
+  if (res != epxSuccess) return res;
+  epxDispatchArgs_t a = dispatch_args(st, 0);
+  int64_t n = 0;
+  res = epxDispatchNotify(st->comm, &a, st->handle, &n, NULL, st->dev->stream());
+  if (res != epxSuccess) return res;
+  if (n > st->num_recv) { /* the routing is fixed: N_recv cannot grow between iterations */
+    fprintf(stderr, "epx-bench rank %d: N_recv went from %lld to %lld with the same routing\n",
+            st->rank, (long long)st->num_recv, (long long)n);
+    return epxInternalError;
+  }
+  epxDispatchOutputs_t o = dispatch_outputs(st, 0);
+  return epxDispatch(st->comm, &a, st->handle, &o, st->dev->stream());
+}
+
+static epxResult_t op_dispatch_cached(rankState *st) {
+  epxDispatchArgs_t a = dispatch_args(st, 1);
+  epxDispatchOutputs_t o = dispatch_outputs(st, 1);
+  return epxDispatch(st->comm, &a, st->handle, &o, st->dev->stream());
+}
+
+static epxResult_t op_combine(rankState *st) {
+  epxCombineArgs_t a;
+  memset(&a, 0, sizeof(a));
+  a.x = st->recv_x; /* the BF16 dispatch's output: identity experts */
+  a.topk_weights = st->recv_weights;
+  a.hidden = st->opt->hidden;
+  a.num_topk = st->opt->topk;
+  epxCombineOutputs_t o = {st->combined_x, st->combined_weights};
+  return epxCombine(st->comm, &a, st->handle, &o, st->dev->stream());
+}
+
+static epxResult_t op_ll_dispatch(rankState *st) {
+  epxLowLatencyDispatchArgs_t a;
+  memset(&a, 0, sizeof(a));
+  a.x = st->x_bf16;
+  a.topk_idx = st->topk;
+  a.topk_idx_type = epxInt64;
+  a.num_tokens = st->tokens;
+  a.hidden = st->opt->hidden;
+  a.num_topk = st->opt->topk;
+  a.use_fp8 = st->dtype == BENCH_FP8;
+  epxLowLatencyDispatchOutputs_t o = {st->ll_recv_x, a.use_fp8 ? st->ll_scales : NULL, st->ll_count,
+                                      st->ll_src_info, st->ll_range};
+  return epxLowLatencyDispatch(st->comm, &a, st->handle, &o, st->dev->stream());
+}
+
+static epxResult_t op_ll_combine(rankState *st) {
+  epxLowLatencyCombineArgs_t a;
+  memset(&a, 0, sizeof(a));
+  a.x = st->ll_recv_x; /* the BF16 dispatch's output: identity experts */
+  a.topk_idx = st->topk;
+  a.topk_idx_type = epxInt64;
+  a.topk_weights = st->weights;
+  a.num_tokens = st->tokens;
+  a.hidden = st->opt->hidden;
+  a.num_topk = st->opt->topk;
+  return epxLowLatencyCombine(st->comm, &a, st->handle, st->combined_x, st->dev->stream());
+}
+
+/* Warm-up, then timed iterations of one operation, each from a flushed cache and a barrier. */
+static int time_series(rankState *st, benchSeries s, benchOpFn fn) {
+  const benchOptions *o = st->opt;
+  double *times = bench_shm_times(st->shm, st->dtype, s, st->rank);
+  for (int i = 0; i < o->warmup + o->iters; ++i) {
+    st->dev->flush_cache();
+    if (bench_barrier(st->shm, BARRIER_TIMEOUT_S)) return 1;
+    st->dev->timer_start();
+    epxResult_t res = fn(st);
+    double us = st->dev->timer_stop_us();
+    if (epx_failed(st, bench_series_op(s), res)) return 1;
+    if (i >= o->warmup) times[i - o->warmup] = us;
+  }
+  *bench_shm_bytes(st->shm, st->dtype, s, st->rank) =
+      bench_series_bytes(st->dtype, s, o->hidden, &st->routing);
+  if (!o->check) set_verdict(st, s, BENCH_UNCHECKED);
+  return 0;
+}
+
+/* ------------------------------------------------------- normal mode */
+
+static int num_nodes(const rankState *st) { return st->nranks / epx_test_ranks_per_node(&st->p); }
+
+static size_t layout_bytes_in_rank(const rankState *st) {
+  return (size_t)st->tokens * (size_t)st->nranks + 1;
+}
+
+static int normal_alloc(rankState *st) {
+  const benchOptions *o = st->opt;
+  size_t T = (size_t)st->tokens, H = (size_t)o->hidden, K = (size_t)o->topk;
+  int nodes = num_nodes(st);
+  st->topk = upload_new(st, T * K * sizeof(int64_t), fill_topk);
+  st->weights = upload_new(st, T * K * sizeof(float), fill_weights);
+  if (o->dtypes[BENCH_BF16]) st->x_bf16 = upload_new(st, T * H * 2, fill_x_bf16);
+  if (o->dtypes[BENCH_FP8]) {
+    st->x_fp8 = upload_new(st, T * H, fill_x_fp8);
+    st->scales = upload_new(st, T * (size_t)epx_scale_cols_f32(o->hidden) * 4, fill_scales);
+  }
+  st->per_rank = dev_alloc(st, sizeof(int) * (size_t)st->nranks);
+  st->per_node = dev_alloc(st, sizeof(int) * (size_t)nodes);
+  st->per_expert = dev_alloc(st, sizeof(int) * (size_t)o->experts);
+  st->in_rank = dev_alloc(st, layout_bytes_in_rank(st));
+  if (bench_shm_failed(st->shm)) return 1;
+
+  /* N_recv is fixed by the routing: one notify sizes every output. */
+  st->dtype = o->dtypes[BENCH_BF16] ? BENCH_BF16 : BENCH_FP8;
+  epxDispatchArgs_t a = dispatch_args(st, 0);
+  if (epx_failed(
+          st, "epxDispatchNotify",
+          epxDispatchNotify(st->comm, &a, st->handle, &st->num_recv, NULL, st->dev->stream())))
+    return 1;
+  size_t rows = (size_t)st->num_recv + 1;
+  st->recv_x = dev_alloc(st, rows * H * 2); /* BF16 size; the FP8 pass reuses it */
+  st->recv_scales = dev_alloc(st, rows * (size_t)epx_scale_cols_f32(o->hidden) * 4 + 4);
+  st->recv_topk = dev_alloc(st, rows * K * sizeof(int64_t));
+  st->recv_weights = dev_alloc(st, rows * K * sizeof(float));
+  st->recv_src = dev_alloc(st, rows * sizeof(int));
+  st->recv_prefix = dev_alloc(st, sizeof(int) * (size_t)st->nranks);
+  st->recv_per_expert = dev_alloc(st, sizeof(int) * (size_t)st->E_local);
+  st->recv_num = dev_alloc(st, sizeof(int));
+  st->combined_x = dev_alloc(st, T * H * 2 + 2);
+  st->combined_weights = dev_alloc(st, T * K * sizeof(float) + 4);
+  return bench_shm_failed(st->shm) ? 1 : 0;
+}
+
+static int poison_dispatch_outputs(rankState *st) {
+  const benchOptions *o = st->opt;
+  size_t rows = (size_t)st->num_recv, H = (size_t)o->hidden, K = (size_t)o->topk;
+  int rc = dev_poison(st, st->recv_x, rows * H * 2);
+  rc |= dev_poison(st, st->recv_scales, rows * (size_t)epx_scale_cols_f32(o->hidden) * 4);
+  rc |= dev_poison(st, st->recv_topk, rows * K * sizeof(int64_t));
+  rc |= dev_poison(st, st->recv_weights, rows * K * sizeof(float));
+  rc |= dev_poison(st, st->recv_src, rows * sizeof(int));
+  rc |= dev_poison(st, st->recv_prefix, sizeof(int) * (size_t)st->nranks);
+  rc |= dev_poison(st, st->recv_per_expert, sizeof(int) * (size_t)st->E_local);
+  rc |= dev_poison(st, st->recv_num, sizeof(int));
+  return rc;
+}
+
+/* Host views of the dispatch outputs (copies on a GPU; freed by release_views). */
+typedef struct views {
+  void *scratch[16];
+  int n;
+  int failed;
+} views;
+
+static const void *view(rankState *st, views *v, const void *p, size_t bytes) {
+  if (!p) return NULL;
+  void *scratch = NULL;
+  if (v->n == (int)(sizeof(v->scratch) / sizeof(v->scratch[0]))) {
+    fprintf(stderr, "epx-bench rank %d: too many host views at once\n", st->rank);
+    v->failed = 1;
+    return NULL;
+  }
+  const void *h = bench_fetch(st->dev, p, bytes, &scratch);
+  if (!h) v->failed = 1;
+  if (scratch) v->scratch[v->n++] = scratch;
+  return h;
+}
+
+static void release_views(views *v) {
+  for (int i = 0; i < v->n; ++i) free(v->scratch[i]);
+  v->n = 0;
+}
+
+static epxDispatchOutputs_t dispatch_views(rankState *st, views *v, int cached) {
+  const benchOptions *o = st->opt;
+  size_t rows = (size_t)st->num_recv, H = (size_t)o->hidden, K = (size_t)o->topk;
+  int fp8 = st->dtype == BENCH_FP8;
+  epxDispatchOutputs_t d = dispatch_outputs(st, cached);
+  epxDispatchOutputs_t h;
+  memset(&h, 0, sizeof(h));
+  h.recv_x = (void *)view(st, v, d.recv_x, rows * H * (fp8 ? 1 : 2));
+  h.recv_x_scales =
+      (void *)view(st, v, d.recv_x_scales, rows * (size_t)epx_scale_cols_f32(o->hidden) * 4);
+  h.recv_topk_idx = (void *)view(st, v, d.recv_topk_idx, rows * K * sizeof(int64_t));
+  h.recv_topk_weights = (float *)view(st, v, d.recv_topk_weights, rows * K * sizeof(float));
+  h.recv_src_idx = (int *)view(st, v, d.recv_src_idx, rows * sizeof(int));
+  h.recv_rank_prefix = (int *)view(st, v, d.recv_rank_prefix, sizeof(int) * (size_t)st->nranks);
+  h.num_recv_tokens_per_expert =
+      (int *)view(st, v, d.num_recv_tokens_per_expert, sizeof(int) * (size_t)st->E_local);
+  h.num_recv_tokens = (int *)view(st, v, d.num_recv_tokens, sizeof(int));
+  return h;
+}
+
+typedef struct normalCheck {
+  benchWorld *world;
+  int64_t notified; /* N_recv from the checked notify */
+  int layout, combine;
+} normalCheck;
+
+static int check_normal_one_rank(rankState *st, void *arg) {
+  normalCheck *c = arg;
+  const benchOptions *o = st->opt;
+  views v = {{0}, 0, 0};
+  int nodes = num_nodes(st);
+  int rc = 0;
+  if (c->layout) {
+    const int *pr = view(st, &v, st->per_rank, sizeof(int) * (size_t)st->nranks);
+    const int *pn = view(st, &v, st->per_node, sizeof(int) * (size_t)nodes);
+    const int *pe = view(st, &v, st->per_expert, sizeof(int) * (size_t)o->experts);
+    const uint8_t *ir = view(st, &v, st->in_rank, layout_bytes_in_rank(st));
+    if (!v.failed)
+      rc |= record_check(st, BENCH_LAYOUT, bench_check_layout(c->world, st->rank, pr, pn, pe, ir),
+                         "layout");
+  }
+  epxDispatchOutputs_t h = dispatch_views(st, &v, 0);
+  if (!v.failed)
+    rc |= record_check(st, BENCH_DISPATCH_E2E,
+                       bench_check_dispatch(c->world, st->rank, st->dtype, c->notified, &h),
+                       "dispatch (layout + notify + dispatch)");
+  if (c->combine && !v.failed) {
+    const void *cx = view(st, &v, st->combined_x, (size_t)st->tokens * (size_t)o->hidden * 2);
+    const void *cw = view(st, &v, st->combined_weights, (size_t)st->tokens * (size_t)o->topk * 4);
+    if (!v.failed)
+      rc |= record_check(st, BENCH_COMBINE, bench_check_combine(c->world, st->rank, cx, cw),
+                         "combine");
+  }
+  release_views(&v);
+  if (v.failed) bench_shm_fail(st->shm);
+  return rc || v.failed;
+}
+
+static int check_cached_one_rank(rankState *st, void *arg) {
+  normalCheck *c = arg;
+  views v = {{0}, 0, 0};
+  epxDispatchOutputs_t h = dispatch_views(st, &v, 1);
+  int rc = v.failed;
+  if (!v.failed)
+    rc = record_check(st, BENCH_DISPATCH,
+                      bench_check_dispatch(c->world, st->rank, st->dtype, st->num_recv, &h),
+                      "cached dispatch");
+  release_views(&v);
+  if (v.failed) bench_shm_fail(st->shm);
+  return rc;
+}
+
+/* One checked iteration of every normal-mode operation of this dtype pass. */
+static int normal_checked_iteration(rankState *st, int first_pass) {
+  const benchOptions *o = st->opt;
+  int combine = st->dtype == BENCH_BF16;
+  size_t T = (size_t)st->tokens;
+  int nodes = num_nodes(st);
+  if (dev_poison(st, st->per_rank, sizeof(int) * (size_t)st->nranks) ||
+      dev_poison(st, st->per_node, sizeof(int) * (size_t)nodes) ||
+      dev_poison(st, st->per_expert, sizeof(int) * (size_t)o->experts) ||
+      dev_poison(st, st->in_rank, layout_bytes_in_rank(st)) || poison_dispatch_outputs(st) ||
+      dev_poison(st, st->combined_x, T * (size_t)o->hidden * 2) ||
+      dev_poison(st, st->combined_weights, T * (size_t)o->topk * 4))
+    return 1;
+
+  normalCheck c = {NULL, 0, first_pass, combine};
+  epxDispatchArgs_t a = dispatch_args(st, 0);
+  epxDispatchOutputs_t out = dispatch_outputs(st, 0);
+  if (epx_failed(st, "epxGetDispatchLayout", op_layout(st)) ||
+      epx_failed(st, "epxDispatchNotify",
+                 epxDispatchNotify(st->comm, &a, st->handle, &c.notified, NULL, st->dev->stream())))
+    return 1;
+  if (c.notified > st->num_recv) {
+    fprintf(stderr, "epx-bench rank %d: N_recv changed from %lld to %lld between two notifies\n",
+            st->rank, (long long)st->num_recv, (long long)c.notified);
+    bench_shm_fail(st->shm);
+    return 1;
+  }
+  if (epx_failed(st, "epxDispatch", epxDispatch(st->comm, &a, st->handle, &out, st->dev->stream())))
+    return 1;
+  if (combine && epx_failed(st, "epxCombine", op_combine(st))) return 1;
+
+  benchWorld world;
+  bench_world_build(&world, &st->p, st->dtype);
+  c.world = &world;
+  int rc = one_at_a_time(st, check_normal_one_rank, &c);
+  /* The cached re-dispatch writes the same outputs: check it on its own. */
+  if (!rc) rc = poison_dispatch_outputs(st);
+  if (!rc) rc = epx_failed(st, "epxDispatch (cached)", op_dispatch_cached(st));
+  if (!rc) rc = one_at_a_time(st, check_cached_one_rank, &c);
+  bench_world_free(&world);
+  return rc;
+}
+
+static int run_normal(rankState *st) {
+  const benchOptions *o = st->opt;
+  if (normal_alloc(st)) return 1;
+  int first = 1;
+  for (int d = 0; d < BENCH_NUM_DTYPES; ++d) {
+    if (!o->dtypes[d]) continue;
+    st->dtype = (benchDtype)d;
+    if (o->check && normal_checked_iteration(st, first)) return 1;
+    if (first && time_series(st, BENCH_LAYOUT, op_layout)) return 1;
+    if (time_series(st, BENCH_DISPATCH_E2E, op_dispatch_e2e)) return 1;
+    if (time_series(st, BENCH_DISPATCH, op_dispatch_cached)) return 1;
+    /* Combine after the BF16 dispatch: its handle and recv_x are the BF16 ones. */
+    if (st->dtype == BENCH_BF16 && time_series(st, BENCH_COMBINE, op_combine)) return 1;
+    first = 0;
+  }
+  return 0;
+}
+
+/* -------------------------------------------------- low-latency mode */
+
+static size_t ll_rows(const rankState *st) {
+  return (size_t)st->E_local * (size_t)epx_ll_rows_per_expert(st->nranks, st->tokens);
+}
+
+static int ll_alloc(rankState *st) {
+  const benchOptions *o = st->opt;
+  size_t T = (size_t)st->tokens, H = (size_t)o->hidden, K = (size_t)o->topk, rows = ll_rows(st);
+  st->topk = upload_new(st, T * K * sizeof(int64_t), fill_topk);
+  st->weights = upload_new(st, T * K * sizeof(float), fill_weights);
+  st->x_bf16 = upload_new(st, T * H * 2, fill_x_bf16); /* low latency sends BF16, casts inside */
+  st->ll_recv_x = dev_alloc(st, rows * H * 2);         /* BF16 size; the FP8 pass reuses it */
+  st->ll_scales = dev_alloc(st, rows * (size_t)epx_scale_cols_f32(o->hidden) * 4 + 4);
+  st->ll_src_info = dev_alloc(st, rows * sizeof(int));
+  st->ll_range = dev_alloc(st, (size_t)st->E_local * (size_t)st->nranks * sizeof(int64_t));
+  st->ll_count = dev_alloc(st, (size_t)st->E_local * sizeof(int));
+  st->combined_x = dev_alloc(st, T * H * 2 + 2);
+  return bench_shm_failed(st->shm) ? 1 : 0;
+}
+
+static int check_ll_one_rank(rankState *st, void *arg) {
+  benchWorld *world = arg;
+  const benchOptions *o = st->opt;
+  size_t rows = ll_rows(st), H = (size_t)o->hidden;
+  int fp8 = st->dtype == BENCH_FP8;
+  views v = {{0}, 0, 0};
+  epxLowLatencyDispatchOutputs_t h;
+  h.recv_x = (void *)view(st, &v, st->ll_recv_x, rows * H * (fp8 ? 1 : 2));
+  h.recv_x_scales =
+      fp8 ? (void *)view(st, &v, st->ll_scales, rows * (size_t)epx_scale_cols_f32(o->hidden) * 4)
+          : NULL;
+  h.recv_count = (int *)view(st, &v, st->ll_count, (size_t)st->E_local * sizeof(int));
+  h.recv_src_info = (int *)view(st, &v, st->ll_src_info, rows * sizeof(int));
+  h.recv_layout_range = (int64_t *)view(st, &v, st->ll_range,
+                                        (size_t)st->E_local * (size_t)st->nranks * sizeof(int64_t));
+  int rc = v.failed;
+  if (!rc)
+    rc = record_check(st, BENCH_LL_DISPATCH,
+                      bench_check_ll_dispatch(world, st->rank, st->tokens, fp8, &h), "ll_dispatch");
+  if (!rc && !fp8) {
+    const void *cx = view(st, &v, st->combined_x, (size_t)st->tokens * H * 2);
+    rc = v.failed;
+    if (!rc)
+      rc = record_check(st, BENCH_LL_COMBINE,
+                        bench_check_ll_combine(world, st->rank, st->tokens, cx), "ll_combine");
+  }
+  release_views(&v);
+  if (v.failed) bench_shm_fail(st->shm);
+  return rc;
+}
+
+static int ll_checked_iteration(rankState *st) {
+  const benchOptions *o = st->opt;
+  size_t rows = ll_rows(st), H = (size_t)o->hidden;
+  int combine = st->dtype == BENCH_BF16;
+  if (dev_poison(st, st->ll_recv_x, rows * H * 2) ||
+      dev_poison(st, st->ll_scales, rows * (size_t)epx_scale_cols_f32(o->hidden) * 4) ||
+      dev_poison(st, st->ll_src_info, rows * sizeof(int)) ||
+      dev_poison(st, st->ll_range, (size_t)st->E_local * (size_t)st->nranks * sizeof(int64_t)) ||
+      dev_poison(st, st->ll_count, (size_t)st->E_local * sizeof(int)) ||
+      dev_poison(st, st->combined_x, (size_t)st->tokens * H * 2))
+    return 1;
+  if (epx_failed(st, "epxLowLatencyDispatch", op_ll_dispatch(st))) return 1;
+  if (combine && epx_failed(st, "epxLowLatencyCombine", op_ll_combine(st))) return 1;
+  benchWorld world;
+  bench_world_build(&world, &st->p, BENCH_BF16);
+  int rc = one_at_a_time(st, check_ll_one_rank, &world);
+  bench_world_free(&world);
+  return rc;
+}
+
+static int run_low_latency(rankState *st) {
+  const benchOptions *o = st->opt;
+  if (ll_alloc(st)) return 1;
+  for (int d = 0; d < BENCH_NUM_DTYPES; ++d) {
+    if (!o->dtypes[d]) continue;
+    st->dtype = (benchDtype)d;
+    if (o->check && ll_checked_iteration(st)) return 1;
+    if (time_series(st, BENCH_LL_DISPATCH, op_ll_dispatch)) return 1;
+    /* Combine after the BF16 dispatch: the handle and recv_x are the BF16 ones. */
+    if (st->dtype == BENCH_BF16 && time_series(st, BENCH_LL_COMBINE, op_ll_combine)) return 1;
+  }
+  return 0;
+}
+
+/* ------------------------------------------------------------- a rank */
+
+static void rank_free(rankState *st) {
+  void **bufs[] = {&st->topk,
+                   &st->weights,
+                   &st->x_bf16,
+                   &st->x_fp8,
+                   &st->scales,
+                   (void **)&st->per_rank,
+                   (void **)&st->per_node,
+                   (void **)&st->per_expert,
+                   (void **)&st->in_rank,
+                   &st->recv_x,
+                   &st->recv_scales,
+                   &st->recv_topk,
+                   &st->recv_weights,
+                   (void **)&st->recv_src,
+                   (void **)&st->recv_prefix,
+                   (void **)&st->recv_per_expert,
+                   (void **)&st->recv_num,
+                   &st->combined_x,
+                   &st->combined_weights,
+                   &st->ll_recv_x,
+                   &st->ll_scales,
+                   &st->ll_src_info,
+                   &st->ll_range,
+                   &st->ll_count};
+  for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); ++i) dev_free(st, bufs[i]);
+  epxHandleDestroy(st->handle);
+  st->handle = NULL;
+  epxCommDestroy(st->comm);
+  st->comm = NULL;
+}
+
+int bench_rank_main(int rank, int nranks, const epxUniqueId *id, void *arg) {
+  const benchJob *job = arg;
+  const benchOptions *o = job->opt;
+  rankState st;
+  memset(&st, 0, sizeof(st));
+  st.job = job;
+  st.opt = o;
+  st.dev = job->dev;
+  st.shm = job->shm;
+  st.rank = rank;
+  st.nranks = nranks;
+  st.tokens = bench_mode_tokens(o, job->mode);
+  st.E_local = o->experts / nranks;
+
+  st.p.nranks = nranks;
+  st.p.ranks_per_node = o->ranks_per_node;
+  st.p.num_experts = o->experts;
+  st.p.hidden = o->hidden;
+  st.p.num_topk = o->topk;
+  for (int r = 0; r < nranks; ++r) st.p.tokens[r] = st.tokens;
+  st.p.routing = EPX_ROUTING_UNIFORM;
+  st.p.seed = o->seed;
+
+  if (st.dev->rank_setup(rank, nranks)) {
+    bench_shm_fail(st.shm);
+    return 1;
+  }
+  epxConfig_t cfg = EPX_CONFIG_INITIALIZER;
+  cfg.backend = st.dev->backend;
+  cfg.ranks_per_node = o->ranks_per_node;
+  cfg.num_experts = o->experts;
+  cfg.hidden = o->hidden;
+  cfg.max_topk = o->topk;
+  cfg.max_tokens_per_rank = st.tokens;
+  cfg.ll_max_tokens_per_rank = job->mode == BENCH_LOW_LATENCY ? st.tokens : 0;
+  cfg.num_sms = o->sms;
+
+  int rc = 1;
+  epxSizeHints_t hints;
+  memset(&hints, 0, sizeof(hints));
+  hints.size = sizeof(hints);
+  if (epx_failed(&st, "epxGetSizeHints", epxGetSizeHints(&cfg, nranks, &hints)) ||
+      epx_failed(&st, "epxCommInitRank", epxCommInitRank(&st.comm, nranks, *id, rank, &cfg)) ||
+      epx_failed(&st, "epxHandleCreate", epxHandleCreate(st.comm, &st.handle)))
+    goto done;
+  if (rank == 0)
+    bench_shm_set_buffer_bytes(
+        st.shm, job->mode == BENCH_LOW_LATENCY ? hints.ll_buffer_bytes : hints.comm_buffer_bytes);
+  bench_count_routing(&st.p, rank, &st.routing);
+  rc = job->mode == BENCH_LOW_LATENCY ? run_low_latency(&st) : run_normal(&st);
+done:
+  if (rc) bench_shm_fail(st.shm);
+  rank_free(&st);
+  st.dev->rank_teardown();
+  return rc;
+}

@@ -1,0 +1,128 @@
+/*
+ * bench_shm.c - the channel between the ranks of a job and the parent.
+ *
+ * One anonymous shared mapping, made by the parent before it forks the ranks, so every rank
+ * inherits it at the same address. Ranks write their own slots only (times, bytes, verdicts);
+ * the parent reads them after every rank has exited, so no locking is needed beyond the
+ * barrier's atomics. Lock-free atomics on int are address-free, hence valid across processes.
+ */
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+
+#include "bench.h"
+
+struct benchShm {
+  size_t map_bytes;
+  int nranks, iters;
+  atomic_int arrived;    /* ranks in the current barrier */
+  atomic_int generation; /* barriers completed */
+  atomic_int failed;     /* a rank gave up: nobody waits any more */
+  size_t buffer_bytes;
+  int verdict[BENCH_NUM_DTYPES][BENCH_NUM_SERIES][EPX_TEST_MAX_RANKS];
+  benchRankBytes bytes[BENCH_NUM_DTYPES][BENCH_NUM_SERIES][EPX_TEST_MAX_RANKS];
+  double times[]; /* [dtype][series][rank][iter] */
+};
+
+/* Spins between two looks at the clock in a barrier wait. */
+#define BENCH_BARRIER_SPINS_PER_CLOCK 256
+
+static size_t times_count(int nranks, int iters) {
+  return (size_t)BENCH_NUM_DTYPES * BENCH_NUM_SERIES * (size_t)nranks * (size_t)iters;
+}
+
+benchShm *bench_shm_create(int nranks, int iters) {
+  if (nranks < 1 || nranks > EPX_TEST_MAX_RANKS || iters < 1) {
+    fprintf(stderr, "epx-bench: bad channel size (%d ranks, %d iterations)\n", nranks, iters);
+    return NULL;
+  }
+  size_t bytes = sizeof(benchShm) + times_count(nranks, iters) * sizeof(double);
+  void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) {
+    perror("epx-bench: mmap of the rank channel");
+    return NULL;
+  }
+  benchShm *s = p;
+  s->map_bytes = bytes;
+  s->nranks = nranks;
+  s->iters = iters;
+  bench_shm_reset(s);
+  return s;
+}
+
+void bench_shm_destroy(benchShm *s) {
+  if (s) munmap(s, s->map_bytes);
+}
+
+void bench_shm_reset(benchShm *s) {
+  atomic_store(&s->arrived, 0);
+  atomic_store(&s->generation, 0);
+  atomic_store(&s->failed, 0);
+  s->buffer_bytes = 0;
+  memset(s->verdict, 0, sizeof(s->verdict));
+  memset(s->bytes, 0, sizeof(s->bytes));
+  memset(s->times, 0, times_count(s->nranks, s->iters) * sizeof(double));
+}
+
+static double now_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+int bench_barrier(benchShm *s, double timeout_s) {
+  int gen = atomic_load(&s->generation);
+  if (atomic_fetch_add(&s->arrived, 1) == s->nranks - 1) {
+    /* Last to arrive: reset the count before opening, so a rank that leaves and enters the
+     * next barrier at once counts into a fresh one. */
+    atomic_store(&s->arrived, 0);
+    atomic_fetch_add(&s->generation, 1);
+    return atomic_load(&s->failed) ? 1 : 0;
+  }
+  double deadline = now_s() + timeout_s;
+  /* Yield rather than sleep: ranks may outnumber cores, and a sleeping rank would wake late
+   * and skew the start of the timed region. */
+  for (unsigned spins = 0; atomic_load(&s->generation) == gen; ++spins) {
+    if (atomic_load(&s->failed)) return 1;
+    if (spins % BENCH_BARRIER_SPINS_PER_CLOCK == 0 && now_s() > deadline) {
+      fprintf(stderr, "epx-bench: barrier: ranks missing after %.0f s\n", timeout_s);
+      bench_shm_fail(s);
+      return 1;
+    }
+    sched_yield();
+  }
+  return atomic_load(&s->failed) ? 1 : 0;
+}
+
+void bench_shm_fail(benchShm *s) { atomic_store(&s->failed, 1); }
+int bench_shm_failed(const benchShm *s) { return atomic_load(&((benchShm *)s)->failed); }
+
+static size_t times_offset(const benchShm *s, benchDtype d, benchSeries op, int rank) {
+  return ((((size_t)d * BENCH_NUM_SERIES + (size_t)op) * (size_t)s->nranks) + (size_t)rank) *
+         (size_t)s->iters;
+}
+
+double *bench_shm_times(benchShm *s, benchDtype d, benchSeries op, int rank) {
+  return s->times + times_offset(s, d, op, rank);
+}
+const double *bench_shm_times_c(const benchShm *s, benchDtype d, benchSeries op, int rank) {
+  return s->times + times_offset(s, d, op, rank);
+}
+benchRankBytes *bench_shm_bytes(benchShm *s, benchDtype d, benchSeries op, int rank) {
+  return &s->bytes[d][op][rank];
+}
+const benchRankBytes *bench_shm_bytes_c(const benchShm *s, benchDtype d, benchSeries op, int rank) {
+  return &s->bytes[d][op][rank];
+}
+void bench_shm_set_verdict(benchShm *s, benchDtype d, benchSeries op, int rank, benchVerdict v) {
+  s->verdict[d][op][rank] = (int)v;
+}
+benchVerdict bench_shm_verdict(const benchShm *s, benchDtype d, benchSeries op, int rank) {
+  return (benchVerdict)s->verdict[d][op][rank];
+}
+void bench_shm_set_buffer_bytes(benchShm *s, size_t bytes) { s->buffer_bytes = bytes; }
+size_t bench_shm_buffer_bytes(const benchShm *s) { return s->buffer_bytes; }
+int bench_shm_iters(const benchShm *s) { return s->iters; }
