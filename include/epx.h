@@ -168,7 +168,9 @@ typedef struct epxConfig {
 typedef struct epxSizeHints {
   size_t size;                    /* set by the caller to sizeof(epxSizeHints_t) */
   size_t comm_buffer_bytes;       /* memory a communicator allocates for normal mode */
-  size_t ll_buffer_bytes;         /* memory a communicator allocates for low latency */
+  size_t ll_buffer_bytes;         /* memory a communicator allocates for low latency (the
+                                     zero-copy combine buffer, allocated on the first
+                                     epxLowLatencyGetCombineBuffer, adds ll_recv_x_bytes_bf16) */
   size_t handle_bytes;            /* memory one epxHandle_t holds */
   int64_t max_recv_tokens;        /* worst-case N_recv of a normal dispatch: R * max T */
   size_t recv_x_bytes_per_row_bf16;       /* normal recv_x row, BF16 */

@@ -111,6 +111,12 @@ epxResult_t epx_config_resolve(const epxConfig_t *in, int nranks, epxConfig_t *o
     return epx_error(NULL, epxInvalidArgument,
                      "config.max_tokens_per_rank is %d: it must be in 1..16777216",
                      c.max_tokens_per_rank);
+  /* Row indices of received tokens are int32 in handles and outputs. */
+  if ((int64_t)nranks * c.max_tokens_per_rank > INT32_MAX)
+    return epx_error(NULL, epxInvalidArgument,
+                     "config.max_tokens_per_rank is %d: nranks (%d) x max_tokens_per_rank must "
+                     "stay below 2^31 received rows",
+                     c.max_tokens_per_rank, nranks);
   if (c.ll_max_tokens_per_rank < 0 || c.ll_max_tokens_per_rank > (1 << 16))
     return epx_error(NULL, epxInvalidArgument,
                      "config.ll_max_tokens_per_rank is %d: it must be in 0..65536",

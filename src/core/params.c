@@ -30,7 +30,7 @@ static const epxParamDef param_defs[EPX_PARAM_COUNT] = {
                                  "network interface the rendezvous binds to"},
     [EPX_PARAM_SOCKET_LOOPBACK] = {"EPX_SOCKET_LOOPBACK", 1, 0, NULL,
                                    "1: bind the rendezvous to 127.0.0.1 (single host)"},
-    [EPX_PARAM_HOST_CHUNK_TOKENS] = {"EPX_HOST_CHUNK_TOKENS", 1, 256, NULL,
+    [EPX_PARAM_HOST_CHUNK_TOKENS] = {"EPX_HOST_CHUNK_TOKENS", 1, 128, NULL,
                                      "host backend: source tokens per shared-memory round"},
     [EPX_PARAM_DUMP_PARAMS] = {"EPX_DUMP_PARAMS", 1, 0, NULL, "1: print this table at first use"},
 };

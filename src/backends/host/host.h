@@ -33,7 +33,6 @@ typedef struct hostComm {
   hostHandle *handles;     /* live handles, so destroy can free their arrays */
   int *cursor;             /* [R] */
   int *peer_tokens;        /* [R] */
-  int *raw_counts;         /* [E_local] */
   float *acc, *part;       /* [max(hidden, max_topk)] */
 } hostComm;
 

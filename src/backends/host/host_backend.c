@@ -168,7 +168,6 @@ static void host_release(epxComm_t comm, hostComm *hc) {
   free(hc->peers);
   free(hc->cursor);
   free(hc->peer_tokens);
-  free(hc->raw_counts);
   free(hc->acc);
   free(hc->part);
   free(hc);
@@ -257,7 +256,6 @@ static epxResult_t host_init(epxComm_t comm, struct epxBootstrap *boot) {
   hc->nranks = R;
   hc->chunk = host_chunk_tokens(cfg);
   host_seg_layout_for(&hc->lay, cfg, R);
-  int el = comm->num_local_experts;
   int scratch = cfg->hidden > cfg->max_topk ? cfg->hidden : cfg->max_topk;
 
   /* Step 1: every rank creates its own segment. */
@@ -265,10 +263,9 @@ static epxResult_t host_init(epxComm_t comm, struct epxBootstrap *boot) {
   hc->peers = calloc((size_t)R, sizeof *hc->peers);
   hc->cursor = calloc((size_t)R, sizeof(int));
   hc->peer_tokens = calloc((size_t)R, sizeof(int));
-  hc->raw_counts = calloc((size_t)el, sizeof(int));
   hc->acc = calloc((size_t)scratch, sizeof(float));
   hc->part = calloc((size_t)scratch, sizeof(float));
-  if (!hc->peers || !hc->cursor || !hc->peer_tokens || !hc->raw_counts || !hc->acc || !hc->part)
+  if (!hc->peers || !hc->cursor || !hc->peer_tokens || !hc->acc || !hc->part)
     res = epx_error(comm, epxOutOfMemory, "host backend: cannot allocate per-rank scratch");
   if (res == epxSuccess) {
     void *base = NULL;

@@ -1,0 +1,678 @@
+/*
+ * cuda_backend.cu - host side of the CUDA backend: set-up over CUDA IPC, the
+ * op entry points that enqueue the kernels, and the translation of device
+ * error records into result codes and messages.
+ *
+ * Normal mode inside one NVLink domain (every rank reaches every other by
+ * load/store). Low-latency mode is not built yet; its entries answer
+ * epxNotSupported, and its kernels will come in their own files.
+ *
+ * Memory per rank: one region (cudaMalloc, shared by IPC) whose rows are sized
+ * by R * max_tokens_per_rank (see epx_cuda_region_layout): dispatch writes
+ * tokens straight into their final rows, combine into per-(token, rank) slots.
+ *
+ * Errors found on the device (timeouts, abort, a bad expert id, headers that
+ * disagree, a peer's invalid arguments) are written to a host-mapped record.
+ * epxDispatchNotify synchronises and returns them for that call. Stream-ordered
+ * calls (dispatch, combine, layout) cannot: the record is read at the next
+ * call on the communicator, which then fails and marks the communicator failed
+ * (epx_set_async_error), since the ranks can no longer be sure to agree.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "backends/cuda/cuda_common.cuh"
+
+extern "C" {
+#include "bootstrap/bootstrap.h"
+#include "core/log.h"
+}
+
+typedef struct EpxCudaComm {
+  int device;
+  cudaStream_t comm_stream; /* internal work at set-up (region clearing) */
+  EpxRegionLayout lay;
+  char *region;             /* my region */
+  char **peer_host;         /* [R] mapped peer regions (mine at [rank]) */
+  unsigned char *peer_ipc;  /* [R] 1 where peer_host[r] came from cudaIpcOpenMemHandle */
+  char **peers_dev;         /* device copy of peer_host */
+  EpxCudaState *state;
+  EpxHostShared *host;      /* host view */
+  EpxHostShared *host_dev;  /* device view */
+  int blocks;               /* blocks of the data kernels */
+} EpxCudaComm;
+
+/* What each rank publishes at set-up. */
+typedef struct EpxCudaPeerInfo {
+  cudaIpcMemHandle_t ipc;
+  unsigned long long region_bytes;
+  unsigned long long region_ptr; /* for peers inside the same process */
+  int pid;
+  int device;
+} EpxCudaPeerInfo;
+
+static EpxCudaComm *cc_of(epxComm_t comm) { return (EpxCudaComm *)comm->backend; }
+
+static epxResult_t cuda_fail(epxComm_t comm, cudaError_t err, const char *what) {
+  epxResult_t code = err == cudaErrorMemoryAllocation ? epxOutOfMemory : epxCudaError;
+  return epx_error(comm, code, "%s failed: %s (%s)", what, cudaGetErrorName(err),
+                   cudaGetErrorString(err));
+}
+
+#define EPX_CUDA_TRY(call, what)                 \
+  do {                                           \
+    cudaError_t epx_cuda_err_ = (call);          \
+    if (epx_cuda_err_ != cudaSuccess) {          \
+      res = cuda_fail(comm, epx_cuda_err_, what); \
+      goto fail;                                 \
+    }                                            \
+  } while (0)
+
+static EpxDevCtx make_ctx(epxComm_t comm) {
+  EpxCudaComm *cc = cc_of(comm);
+  EpxDevCtx c;
+  memset(&c, 0, sizeof c);
+  c.peers = cc->peers_dev;
+  c.state = cc->state;
+  c.host = cc->host_dev;
+  c.lay = cc->lay;
+  c.timeout_ns = comm->timeout_ns;
+  c.rank = comm->rank;
+  c.nranks = comm->nranks;
+  c.ranks_per_node = comm->ranks_per_node;
+  c.num_experts = comm->config.num_experts;
+  c.num_local_experts = comm->num_local_experts;
+  c.max_tokens = comm->config.max_tokens_per_rank;
+  c.max_topk = comm->config.max_topk;
+  return c;
+}
+
+/* ---- error records ---- */
+
+static const char *phase_name(int phase) {
+  switch (phase) {
+    case EPX_PHASE_HELLO: return "count exchange (hello)";
+    case EPX_PHASE_ARRIVAL: return "data arrival";
+    case EPX_PHASE_CHECK: return "call check";
+    default: return "unknown phase";
+  }
+}
+
+static const char *field_name(int field) {
+  switch (field) {
+    case EPX_FIELD_OP: return "operation";
+    case EPX_FIELD_SEQ: return "call sequence number";
+    case EPX_FIELD_HIDDEN: return "hidden";
+    case EPX_FIELD_TOPK: return "num_topk";
+    case EPX_FIELD_X_TYPE: return "x_type";
+    case EPX_FIELD_IDX_TYPE: return "topk_idx_type";
+    case EPX_FIELD_SCALES: return "scale_format";
+    case EPX_FIELD_PATH: return "dispatch path (cached vs num_worst_tokens)";
+    case EPX_FIELD_EXPERT_ID: return "expert id";
+    default: return "?";
+  }
+}
+
+static const char *op_name(int op) {
+  return op == EPX_OP_NONE ? "epxGetDispatchLayout" : epx_op_name((epxOp_t)op);
+}
+
+/* Turns the host-mapped record into a result and message; clears non-fatal ones. */
+static epxResult_t report_record(epxComm_t comm, const char *when) {
+  EpxCudaComm *cc = cc_of(comm);
+  volatile EpxErrRecord *r = &cc->host->rec;
+  int code = r->code;
+  if (code == 0) return epxSuccess;
+  int fatal = code == epxTimeout || code == epxAborted || code == epxPeerFailed;
+  const char *op = op_name(r->op);
+  unsigned long long seq = r->seq;
+  int peer = r->peer;
+  long long expected = r->expected, seen = r->seen;
+  if (code == epxTimeout)
+    epx_error(comm, epxTimeout,
+              "%s%s (call %llu) timed out after %lld ms in phase '%s' waiting for rank %d: "
+              "expected epoch %lld, seen %lld",
+              when, op, seq, (long long)(comm->timeout_ns / 1000000), phase_name(r->phase), peer,
+              expected, seen);
+  else if (code == epxAborted)
+    epx_error(comm, epxAborted,
+              "%s%s (call %llu) aborted in phase '%s' while waiting for rank %d (epoch expected "
+              "%lld, seen %lld)",
+              when, op, seq, phase_name(r->phase), peer, expected, seen);
+  else if (r->field == EPX_FIELD_CAPACITY)
+    epx_error(comm, (epxResult_t)code,
+              "%s%s (call %llu): %lld rows arrived but outputs->capacity_rows is %lld; outputs "
+              "were left untouched",
+              when, op, seq, seen, expected);
+  else if (r->field == EPX_FIELD_EXPERT_ID)
+    epx_error(comm, (epxResult_t)code,
+              "%s%s (call %llu): rank %d's topk_idx holds expert id %lld (token %lld), outside "
+              "[-1, %d)",
+              when, op, seq, peer, seen, expected, comm->config.num_experts);
+  else if (code == epxMismatch)
+    epx_error(comm, epxMismatch,
+              "%s%s (call %llu): ranks disagree on %s: this rank (%d) has %lld, rank %d has %lld",
+              when, op, seq, field_name(r->field), comm->rank, expected, peer, seen);
+  else if (code == epxRemoteError)
+    epx_error(comm, epxRemoteError, "%s%s (call %llu): rank %d rejected its arguments", when, op,
+              seq, peer);
+  else
+    epx_error(comm, (epxResult_t)code, "%s%s (call %llu) failed on the device (code %d)", when, op,
+              seq, code);
+  if (fatal) {
+    epx_set_async_error(comm, (epxResult_t)code);
+  } else {
+    r->code = 0; /* reported; the next op resets the device-side claim */
+  }
+  return (epxResult_t)code;
+}
+
+/* At the entry of every op: an error left by an earlier stream-ordered call. */
+static epxResult_t check_earlier(epxComm_t comm) {
+  EpxCudaComm *cc = cc_of(comm);
+  if (cc->host->rec.code == 0) return epxSuccess;
+  epxResult_t res = report_record(comm, "an earlier call: ");
+  /* Whatever it was, the ranks may now disagree about what ran: fail for good. */
+  epx_set_async_error(comm, res);
+  return res;
+}
+
+/* ---- lifecycle ---- */
+
+static void cuda_size_hints(const epxConfig_t *config, int nranks, epxSizeHints_t *hints) {
+  int El = config->num_experts / nranks;
+  EpxRegionLayout lay = epx_cuda_region_layout(nranks, config->max_tokens_per_rank, config->hidden,
+                                               config->max_topk, El);
+  size_t T = (size_t)config->max_tokens_per_rank, R = (size_t)nranks;
+  hints->comm_buffer_bytes = lay.total;
+  hints->ll_buffer_bytes = 0;
+  hints->handle_bytes = T * R /* is_token_in_rank */ + 4 * T * R /* send_row */ +
+                        4 * R * R + 4 * R * T /* recv_src_idx */ + 4 * (size_t)El + 5 * 256;
+}
+
+static void release(epxComm_t comm) {
+  EpxCudaComm *cc = cc_of(comm);
+  if (!cc) return;
+  if (cc->host) cc->host->abort = 1; /* in-flight waits of this rank return */
+  cudaSetDevice(cc->device);
+  /* cudaFree waits for this device's in-flight kernels; with the abort flag
+   * set, none of them is waiting on a peer. */
+  cudaDeviceSynchronize();
+  if (cc->peer_host) {
+    for (int r = 0; r < comm->nranks; ++r)
+      if (cc->peer_ipc && cc->peer_ipc[r]) cudaIpcCloseMemHandle(cc->peer_host[r]);
+  }
+  free(cc->peer_host);
+  free(cc->peer_ipc);
+  if (cc->peers_dev) cudaFree(cc->peers_dev);
+  if (cc->state) cudaFree(cc->state);
+  if (cc->region) cudaFree(cc->region);
+  if (cc->host) cudaFreeHost(cc->host);
+  if (cc->comm_stream) cudaStreamDestroy(cc->comm_stream);
+  free(cc);
+  comm->backend = NULL;
+}
+
+static epxResult_t cuda_init(epxComm_t comm, struct epxBootstrap *boot) {
+  epxResult_t res = epxSuccess;
+  const int R = comm->nranks, me = comm->rank;
+  char err[EPX_ERROR_MSG_BYTES] = "";
+  EpxCudaPeerInfo *all = NULL;
+  EpxCudaComm *cc = (EpxCudaComm *)calloc(1, sizeof *cc);
+  if (!cc) return epx_error(comm, epxOutOfMemory, "cannot allocate the CUDA backend state");
+  comm->backend = cc;
+
+  if (R > EPX_CUDA_MAX_RANKS) {
+    res = epx_error(comm, epxNotSupported, "the CUDA backend serves at most %d ranks (got %d)",
+                    EPX_CUDA_MAX_RANKS, R);
+    goto fail;
+  }
+  {
+    int count = 0;
+    EPX_CUDA_TRY(cudaGetDeviceCount(&count), "cudaGetDeviceCount");
+    if (comm->config.cuda_device >= 0) {
+      if (comm->config.cuda_device >= count) {
+        res = epx_error(comm, epxInvalidArgument, "config.cuda_device is %d but %d devices are visible",
+                        comm->config.cuda_device, count);
+        goto fail;
+      }
+      cc->device = comm->config.cuda_device;
+    } else {
+      EPX_CUDA_TRY(cudaGetDevice(&cc->device), "cudaGetDevice");
+    }
+    EPX_CUDA_TRY(cudaSetDevice(cc->device), "cudaSetDevice");
+    cudaDeviceProp prop;
+    EPX_CUDA_TRY(cudaGetDeviceProperties(&prop, cc->device), "cudaGetDeviceProperties");
+    size_t smem = epx_cuda_hello_smem_bytes(R, comm->config.num_experts);
+    if (smem > prop.sharedMemPerBlockOptin) {
+      res = epx_error(comm, epxNotSupported,
+                      "the count exchange needs %zu bytes of shared memory for %d ranks and %d "
+                      "experts; the device allows %zu",
+                      smem, R, comm->config.num_experts, (size_t)prop.sharedMemPerBlockOptin);
+      goto fail;
+    }
+    cc->blocks = comm->config.num_sms > 0 ? comm->config.num_sms : EPX_CUDA_DEFAULT_BLOCKS;
+    if (cc->blocks > prop.multiProcessorCount) cc->blocks = prop.multiProcessorCount;
+  }
+  EPX_CUDA_TRY(cudaStreamCreateWithFlags(&cc->comm_stream, cudaStreamNonBlocking), "cudaStreamCreate");
+
+  cc->lay = epx_cuda_region_layout(R, comm->config.max_tokens_per_rank, comm->config.hidden,
+                                   comm->config.max_topk, comm->num_local_experts);
+  EPX_CUDA_TRY(cudaMalloc((void **)&cc->region, cc->lay.total), "cudaMalloc (region)");
+  /* Hello and arrival words start at epoch 0 < every epoch a peer waits for. */
+  EPX_CUDA_TRY(cudaMemsetAsync(cc->region, 0, cc->lay.total, cc->comm_stream), "cudaMemsetAsync");
+  EPX_CUDA_TRY(cudaMalloc((void **)&cc->state, sizeof(EpxCudaState)), "cudaMalloc (state)");
+  EPX_CUDA_TRY(cudaMemsetAsync(cc->state, 0, sizeof(EpxCudaState), cc->comm_stream), "cudaMemsetAsync");
+  EPX_CUDA_TRY(cudaStreamSynchronize(cc->comm_stream), "cudaStreamSynchronize");
+  {
+    size_t host_bytes = sizeof(EpxHostShared) + sizeof(int) * (size_t)comm->num_local_experts;
+    EPX_CUDA_TRY(cudaHostAlloc((void **)&cc->host, host_bytes, cudaHostAllocMapped),
+                 "cudaHostAlloc (error record)");
+    memset((void *)cc->host, 0, host_bytes);
+    EPX_CUDA_TRY(cudaHostGetDevicePointer((void **)&cc->host_dev, cc->host, 0),
+                 "cudaHostGetDevicePointer");
+  }
+
+  /* Exchange the regions. */
+  {
+    EpxCudaPeerInfo mine;
+    memset(&mine, 0, sizeof mine);
+    EPX_CUDA_TRY(cudaIpcGetMemHandle(&mine.ipc, cc->region), "cudaIpcGetMemHandle");
+    mine.region_bytes = cc->lay.total;
+    mine.region_ptr = (unsigned long long)(uintptr_t)cc->region;
+    mine.pid = (int)getpid();
+    mine.device = cc->device;
+    all = (EpxCudaPeerInfo *)calloc((size_t)R, sizeof *all);
+    cc->peer_host = (char **)calloc((size_t)R, sizeof(char *));
+    cc->peer_ipc = (unsigned char *)calloc((size_t)R, 1);
+    if (!all || !cc->peer_host || !cc->peer_ipc) {
+      res = epx_error(comm, epxOutOfMemory, "cannot allocate the peer table");
+      goto fail;
+    }
+    res = epx_bootstrap_allgather(boot, &mine, all, sizeof mine, err, sizeof err);
+    if (res != epxSuccess) {
+      epx_error(comm, res, "exchanging CUDA IPC handles: %s", err);
+      goto fail;
+    }
+    for (int r = 0; r < R; ++r) {
+      if (all[r].region_bytes != mine.region_bytes) {
+        res = epx_error(comm, epxMismatch, "rank %d's region has %llu bytes, this rank's %llu", r,
+                        all[r].region_bytes, mine.region_bytes);
+        goto fail;
+      }
+      if (r == me) {
+        cc->peer_host[r] = cc->region;
+      } else if (all[r].pid == mine.pid) {
+        /* Same process (ranks as threads): IPC cannot open our own handles;
+         * the pointer is valid here, given peer access between the devices. */
+        if (all[r].device != cc->device) {
+          cudaError_t e = cudaDeviceEnablePeerAccess(all[r].device, 0);
+          if (e == cudaErrorPeerAccessAlreadyEnabled) (void)cudaGetLastError();
+          else EPX_CUDA_TRY(e, "cudaDeviceEnablePeerAccess");
+        }
+        cc->peer_host[r] = (char *)(uintptr_t)all[r].region_ptr;
+      } else {
+        void *p = NULL;
+        cudaError_t e = cudaIpcOpenMemHandle(&p, all[r].ipc, cudaIpcMemLazyEnablePeerAccess);
+        if (e != cudaSuccess) {
+          res = epx_error(comm, epxCudaError,
+                          "cudaIpcOpenMemHandle of rank %d's region (pid %d, device %d) failed: %s; "
+                          "are the GPUs in one NVLink/P2P domain?",
+                          r, all[r].pid, all[r].device, cudaGetErrorString(e));
+          goto fail;
+        }
+        cc->peer_host[r] = (char *)p;
+        cc->peer_ipc[r] = 1;
+      }
+    }
+    EPX_CUDA_TRY(cudaMalloc((void **)&cc->peers_dev, sizeof(char *) * (size_t)R), "cudaMalloc (peers)");
+    EPX_CUDA_TRY(cudaMemcpy(cc->peers_dev, cc->peer_host, sizeof(char *) * (size_t)R,
+                            cudaMemcpyHostToDevice),
+                 "cudaMemcpy (peers)");
+  }
+  free(all);
+  EPX_INFO(me, "CUDA backend on device %d: region %zu bytes, %d blocks per data kernel", cc->device,
+           cc->lay.total, cc->blocks);
+  return epxSuccess;
+
+fail:
+  free(all);
+  release(comm);
+  return res;
+}
+
+static void cuda_destroy(epxComm_t comm) { release(comm); }
+
+static void cuda_abort(epxComm_t comm) {
+  EpxCudaComm *cc = cc_of(comm);
+  if (cc && cc->host) cc->host->abort = 1; /* read by every device wait (volatile) */
+}
+
+/* ---- handles ---- */
+
+static epxResult_t cuda_handle_alloc(epxComm_t comm, epxHandle_t h) {
+  EpxCudaComm *cc = cc_of(comm);
+  size_t T = (size_t)comm->config.max_tokens_per_rank, R = (size_t)comm->nranks;
+  size_t El = (size_t)comm->num_local_experts;
+  size_t off_itr = 0;
+  size_t off_send = epx_cuda_align(off_itr + T * R, 256);
+  size_t off_mat = epx_cuda_align(off_send + 4 * T * R, 256);
+  size_t off_src = epx_cuda_align(off_mat + 4 * R * R, 256);
+  size_t off_exp = epx_cuda_align(off_src + 4 * R * T, 256);
+  size_t total = epx_cuda_align(off_exp + 4 * El, 256);
+  char *base = NULL;
+  cudaSetDevice(cc->device);
+  cudaError_t e = cudaMalloc((void **)&base, total);
+  if (e != cudaSuccess) return cuda_fail(comm, e, "cudaMalloc (handle)");
+  h->backend_private = base;
+  h->is_token_in_rank = (uint8_t *)(base + off_itr);
+  h->send_row = (int *)(base + off_send);
+  h->rank_prefix_matrix = (int *)(base + off_mat);
+  h->recv_src_idx = (int *)(base + off_src);
+  h->num_recv_per_expert = (int *)(base + off_exp);
+  return epxSuccess;
+}
+
+static void cuda_handle_free(epxComm_t comm, epxHandle_t h) {
+  EpxCudaComm *cc = cc_of(comm);
+  if (cc) cudaSetDevice(cc->device);
+  if (h->backend_private) cudaFree(h->backend_private);
+  h->backend_private = NULL;
+  h->is_token_in_rank = NULL;
+  h->send_row = NULL;
+  h->rank_prefix_matrix = NULL;
+  h->recv_src_idx = NULL;
+  h->num_recv_per_expert = NULL;
+}
+
+/* ---- ops ---- */
+
+static int hello_flags(const epxCall_t *call, int has_topk, int has_weights) {
+  if (call->local_invalid) return EPX_HELLO_INVALID;
+  return (has_topk ? EPX_HELLO_HAS_TOPK : 0) | (has_weights ? EPX_HELLO_HAS_WEIGHTS : 0);
+}
+
+static epxResult_t cuda_layout(epxComm_t comm, const void *topk_idx, epxDataType_t idx_type,
+                               int num_tokens, int num_topk, const epxLayout_t *layout,
+                               epxStream_t stream) {
+  epxResult_t res = check_earlier(comm);
+  if (res != epxSuccess) return res;
+  EpxLayoutParams p;
+  memset(&p, 0, sizeof p);
+  p.ctx = make_ctx(comm);
+  p.topk_idx = topk_idx;
+  p.topk_is_int64 = idx_type == epxInt64;
+  p.num_tokens = num_tokens;
+  p.num_topk = num_topk;
+  p.num_tokens_per_rank = layout->num_tokens_per_rank;
+  p.num_tokens_per_node = layout->num_tokens_per_node;
+  p.num_tokens_per_expert = layout->num_tokens_per_expert;
+  p.is_token_in_rank = layout->is_token_in_rank;
+  cudaError_t e = epx_cuda_launch_layout(&p, (cudaStream_t)stream);
+  if (e != cudaSuccess) return cuda_fail(comm, e, "epxGetDispatchLayout: kernel launch");
+  return epxSuccess;
+}
+
+static EpxHelloParams dispatch_hello(epxComm_t comm, const epxCall_t *call,
+                                     const epxDispatchArgs_t *a, epxHandle_t h, int counted) {
+  EpxHelloParams p;
+  memset(&p, 0, sizeof p);
+  p.ctx = make_ctx(comm);
+  p.seq = call->seq;
+  p.op = call->op;
+  if (call->local_invalid) {
+    p.flags = EPX_HELLO_INVALID;
+    return p;
+  }
+  p.flags = hello_flags(call, a->topk_idx != NULL, a->topk_weights != NULL);
+  p.hidden = a->hidden;
+  p.topk = a->num_topk;
+  p.x_type = a->x_type;
+  p.idx_type = a->topk_idx_type;
+  p.scale_format = a->scale_format;
+  p.path = counted ? EPX_PATH_COUNTED : EPX_PATH_CACHED;
+  p.counted = counted;
+  p.topk_idx = a->topk_idx;
+  p.topk_is_int64 = a->topk_idx_type == epxInt64;
+  p.num_tokens = a->num_tokens;
+  p.expert_alignment = a->expert_alignment;
+  p.is_token_in_rank = h->is_token_in_rank;
+  p.send_row = h->send_row;
+  p.rank_prefix_matrix = h->rank_prefix_matrix;
+  p.num_recv_per_expert = h->num_recv_per_expert;
+  return p;
+}
+
+static void fill_handle(epxComm_t comm, const epxCall_t *call, const epxDispatchArgs_t *a,
+                        epxHandle_t h, int64_t num_recv) {
+  (void)comm;
+  h->state = epxHandleNormal;
+  h->num_tokens = a->num_tokens;
+  h->num_topk = a->num_topk;
+  h->hidden = a->hidden;
+  h->topk_is_int64 = a->topk_idx_type == epxInt64;
+  h->num_recv_tokens = num_recv;
+  h->expert_alignment = a->expert_alignment;
+  h->filled_seq = call->seq;
+}
+
+static epxResult_t cuda_dispatch_notify(epxComm_t comm, const epxCall_t *call,
+                                        const epxDispatchArgs_t *args, epxHandle_t handle,
+                                        int64_t *num_recv_tokens, int *num_recv_tokens_per_expert,
+                                        epxStream_t stream) {
+  EpxCudaComm *cc = cc_of(comm);
+  epxResult_t res = check_earlier(comm);
+  if (res != epxSuccess) return res;
+  EpxHelloParams p = dispatch_hello(comm, call, args, handle, !call->local_invalid);
+  p.write_host = 1;
+  cc->host->status = -1;
+  cudaError_t e = epx_cuda_launch_hello(&p, (cudaStream_t)stream);
+  if (e != cudaSuccess) return cuda_fail(comm, e, "epxDispatchNotify: kernel launch");
+  /* Host sync: the caller sizes its outputs from these counts. The kernel's
+   * waits are bounded (timeout, abort), so this returns. */
+  e = cudaStreamSynchronize((cudaStream_t)stream);
+  if (e != cudaSuccess) {
+    epx_set_async_error(comm, epxCudaError);
+    return cuda_fail(comm, e, "epxDispatchNotify: cudaStreamSynchronize");
+  }
+  int code = cc->host->rec.code;
+  if (code == epxTimeout || code == epxAborted || code == epxPeerFailed)
+    return report_record(comm, "");
+  if (cc->host->status != 0) {
+    /* This rank's own invalid arguments: the core keeps the validation message. */
+    if (call->local_invalid) return epxInvalidArgument;
+    if (code != 0) return report_record(comm, "");
+    return epx_error(comm, epxInternalError, "epxDispatchNotify: the count exchange reported %d",
+                     cc->host->status);
+  }
+  *num_recv_tokens = cc->host->n_recv;
+  if (num_recv_tokens_per_expert)
+    memcpy(num_recv_tokens_per_expert, (const void *)cc->host->per_expert,
+           sizeof(int) * (size_t)comm->num_local_experts);
+  fill_handle(comm, call, args, handle, cc->host->n_recv);
+  return epxSuccess;
+}
+
+static epxResult_t cuda_dispatch(epxComm_t comm, const epxCall_t *call,
+                                 const epxDispatchArgs_t *a, epxHandle_t h,
+                                 const epxDispatchOutputs_t *o, epxStream_t stream) {
+  EpxCudaComm *cc = cc_of(comm);
+  cudaStream_t s = (cudaStream_t)stream;
+  epxResult_t res = check_earlier(comm);
+  if (res != epxSuccess) return res;
+  const int invalid = call->local_invalid;
+  const int counted = !invalid && h->state != epxHandleNormal;
+
+  EpxHelloParams hp = dispatch_hello(comm, call, a, h, counted);
+  EpxDispatchSendParams sp;
+  memset(&sp, 0, sizeof sp);
+  sp.ctx = hp.ctx;
+  sp.seq = call->seq;
+  sp.invalid = invalid;
+  EpxDispatchRecvParams rp;
+  memset(&rp, 0, sizeof rp);
+  rp.ctx = hp.ctx;
+  rp.seq = call->seq;
+  rp.invalid = invalid;
+  if (!invalid) {
+    int fp8 = a->x_type == epxFloat8E4M3;
+    sp.x = a->x;
+    sp.x_scales = a->x_scales;
+    sp.topk_idx = a->topk_idx;
+    sp.topk_weights = a->topk_weights;
+    sp.topk_is_int64 = a->topk_idx_type == epxInt64;
+    sp.num_tokens = a->num_tokens;
+    sp.num_topk = a->num_topk;
+    sp.payload_bytes = (int)epx_payload_row_bytes(a->hidden, fp8);
+    sp.scale_bytes = fp8 ? (int)epx_scale_row_bytes(a->hidden, a->scale_format) : 0;
+    sp.send_row = h->send_row;
+    rp.num_topk = a->num_topk;
+    rp.payload_bytes = sp.payload_bytes;
+    rp.scale_bytes = sp.scale_bytes;
+    rp.topk_is_int64 = sp.topk_is_int64;
+    rp.num_worst_tokens = a->num_worst_tokens;
+    rp.capacity_rows = o->capacity_rows;
+    rp.rank_prefix_matrix = h->rank_prefix_matrix;
+    rp.handle_per_expert = h->num_recv_per_expert;
+    rp.handle_recv_src_idx = h->recv_src_idx;
+    rp.recv_x = o->recv_x;
+    rp.recv_x_scales = o->recv_x_scales;
+    rp.recv_topk_idx = o->recv_topk_idx;
+    rp.recv_topk_weights = o->recv_topk_weights;
+    rp.recv_src_idx = o->recv_src_idx;
+    rp.recv_rank_prefix = o->recv_rank_prefix;
+    rp.num_recv_tokens_per_expert = o->num_recv_tokens_per_expert;
+    rp.num_recv_tokens = o->num_recv_tokens;
+  }
+  cudaError_t e = epx_cuda_launch_hello(&hp, s);
+  if (e == cudaSuccess) e = epx_cuda_launch_dispatch_send(&sp, cc->blocks, s);
+  if (e == cudaSuccess) e = epx_cuda_launch_dispatch_recv(&rp, cc->blocks, s);
+  if (e != cudaSuccess) {
+    /* Some kernels of the op may be queued: the ranks no longer line up. */
+    epx_set_async_error(comm, epxCudaError);
+    return cuda_fail(comm, e, "epxDispatch: kernel launch");
+  }
+  if (invalid) return epxInvalidArgument; /* the core keeps the validation message */
+  if (counted) fill_handle(comm, call, a, h, -1); /* N_recv stays on the device */
+  return epxSuccess;
+}
+
+static epxResult_t cuda_combine(epxComm_t comm, const epxCall_t *call, const epxCombineArgs_t *a,
+                                epxHandle_t h, const epxCombineOutputs_t *o, epxStream_t stream) {
+  EpxCudaComm *cc = cc_of(comm);
+  cudaStream_t s = (cudaStream_t)stream;
+  epxResult_t res = check_earlier(comm);
+  if (res != epxSuccess) return res;
+  const int invalid = call->local_invalid;
+  EpxHelloParams hp;
+  memset(&hp, 0, sizeof hp);
+  hp.ctx = make_ctx(comm);
+  hp.seq = call->seq;
+  hp.op = call->op;
+  EpxCombineSendParams sp;
+  memset(&sp, 0, sizeof sp);
+  sp.ctx = hp.ctx;
+  sp.seq = call->seq;
+  sp.invalid = invalid;
+  EpxCombineReduceParams rp;
+  memset(&rp, 0, sizeof rp);
+  rp.ctx = hp.ctx;
+  rp.seq = call->seq;
+  rp.invalid = invalid;
+  if (invalid) {
+    hp.flags = EPX_HELLO_INVALID;
+  } else {
+    hp.flags = hello_flags(call, 0, a->topk_weights != NULL);
+    hp.hidden = a->hidden;
+    hp.topk = a->topk_weights ? a->num_topk : 0;
+    sp.x = a->x;
+    sp.topk_weights = a->topk_weights;
+    sp.hidden = a->hidden;
+    sp.num_topk = a->num_topk;
+    sp.rank_prefix_matrix = h->rank_prefix_matrix;
+    sp.recv_src_idx = h->recv_src_idx;
+    rp.hidden = a->hidden;
+    rp.num_topk = a->num_topk;
+    rp.num_tokens = h->num_tokens;
+    rp.has_weights = a->topk_weights != NULL;
+    rp.is_token_in_rank = h->is_token_in_rank;
+    rp.bias0 = a->bias[0];
+    rp.bias1 = a->bias[1];
+    rp.combined_x = o->combined_x;
+    rp.combined_topk_weights = o->combined_topk_weights;
+  }
+  cudaError_t e = epx_cuda_launch_hello(&hp, s);
+  if (e == cudaSuccess) e = epx_cuda_launch_combine_send(&sp, cc->blocks, s);
+  if (e == cudaSuccess) e = epx_cuda_launch_combine_reduce(&rp, cc->blocks, s);
+  if (e != cudaSuccess) {
+    epx_set_async_error(comm, epxCudaError);
+    return cuda_fail(comm, e, "epxCombine: kernel launch");
+  }
+  return invalid ? epxInvalidArgument : epxSuccess;
+}
+
+static epxResult_t cuda_ll_dispatch(epxComm_t comm, const epxCall_t *call,
+                                    const epxLowLatencyDispatchArgs_t *args, epxHandle_t handle,
+                                    const epxLowLatencyDispatchOutputs_t *outputs,
+                                    epxStream_t stream) {
+  (void)call, (void)args, (void)handle, (void)outputs, (void)stream;
+  return epx_error(comm, epxNotSupported,
+                   "epxLowLatencyDispatch: low-latency mode is not built in the CUDA backend yet");
+}
+
+static epxResult_t cuda_ll_combine(epxComm_t comm, const epxCall_t *call,
+                                   const epxLowLatencyCombineArgs_t *args, epxHandle_t handle,
+                                   void *combined_x, epxStream_t stream) {
+  (void)call, (void)args, (void)handle, (void)combined_x, (void)stream;
+  return epx_error(comm, epxNotSupported,
+                   "epxLowLatencyCombine: low-latency mode is not built in the CUDA backend yet");
+}
+
+static epxResult_t cuda_ll_recv(epxComm_t comm, epxHandle_t handle, epxStream_t stream) {
+  (void)handle, (void)stream;
+  return epx_error(comm, epxNotSupported,
+                   "epxLowLatencyRecv: low-latency mode is not built in the CUDA backend yet");
+}
+
+static epxResult_t cuda_ll_combine_buffer(epxComm_t comm, void **buffer) {
+  (void)buffer;
+  return epx_error(comm, epxNotSupported,
+                   "epxLowLatencyGetCombineBuffer: low-latency mode is not built in the CUDA "
+                   "backend yet");
+}
+
+static epxBackendOps make_ops(void) {
+  epxBackendOps o;
+  memset(&o, 0, sizeof o);
+  o.name = "cuda";
+  o.size_hints = cuda_size_hints;
+  o.init = cuda_init;
+  o.destroy = cuda_destroy;
+  o.abort = cuda_abort;
+  o.handle_alloc = cuda_handle_alloc;
+  o.handle_free = cuda_handle_free;
+  o.layout = cuda_layout;
+  o.dispatch_notify = cuda_dispatch_notify;
+  o.dispatch = cuda_dispatch;
+  o.combine = cuda_combine;
+  o.ll_dispatch = cuda_ll_dispatch;
+  o.ll_combine = cuda_ll_combine;
+  o.ll_recv = cuda_ll_recv;
+  o.ll_combine_buffer = cuda_ll_combine_buffer;
+  return o;
+}
+
+static const epxBackendOps cuda_ops = make_ops();
+
+extern "C" const epxBackendOps *epx_cuda_backend_ops(void) { return &cuda_ops; }
+
+extern "C" int epx_cuda_backend_available(void) {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return count > 0;
+}

@@ -1,0 +1,434 @@
+/*
+ * cuda_common.cuh - what the CUDA backend's host code and kernels share: the
+ * layout of each rank's peer-visible region, the device/host state words, the
+ * error record, the memory-ordering primitives and the bounded wait.
+ *
+ * Protocol of every collective op (normal mode), with op epoch e counted on the
+ * device (so a replayed CUDA graph advances it too):
+ *   1. hello: each rank writes a message (call header, and in the counted path
+ *      its per-destination token counts) into slot [e % 2][me] of every peer's
+ *      region and release-stores the slot's epoch = e; it then acquires every
+ *      peer's slot [e % 2][src] == e. A peer posts hello e only once its
+ *      previous op has consumed its region (stream order), so after the hello
+ *      every peer's region is free for op e: no separate release flags.
+ *   2. data: payload rows are written straight into the peer's region (dispatch:
+ *      at their final receive row; combine: at slot token * R + me of the source),
+ *      then arrival[me] = e is release-stored in every peer's region.
+ *   3. consume: acquire arrival[src] == e of every peer, then copy or reduce
+ *      into the caller's outputs.
+ * Two hello slots suffice: a rank can be at most one op ahead of any peer,
+ * since finishing op e needs every peer's arrival for e.
+ */
+#ifndef EPX_CUDA_COMMON_CUH
+#define EPX_CUDA_COMMON_CUH
+
+#include <cuda_runtime.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/layout_math.h"
+#include "common/numerics.h"
+#include "epx.h"
+
+/* internal.h is C11 and declares C11 atomic_int fields; nvcc compiles C++,
+ * where std::atomic<int> has the same size and layout (GCC and Clang ABI). */
+#include <atomic>
+typedef std::atomic<int> atomic_int;
+extern "C" {
+#include "core/internal.h"
+}
+
+/* Ranks one NVLink-domain communicator of this backend serves: the count
+ * exchange keeps an R x R matrix in shared memory. */
+#define EPX_CUDA_MAX_RANKS 64
+/* Hello slots per source: double-buffered by epoch parity (see above). */
+#define EPX_CUDA_HELLO_SLOTS 2
+/* Block size of the count exchange (one block: T is small next to the payload). */
+#define EPX_CUDA_HELLO_THREADS 1024
+/* Block size of the data kernels: 16 warps, one token or row per warp at a time. */
+#define EPX_CUDA_DATA_THREADS 512
+/* Blocks of the data kernels when config.num_sms is 0. */
+#define EPX_CUDA_DEFAULT_BLOCKS 32
+/* 16-byte vectors each lane keeps in flight per round of a row copy. */
+#define EPX_CUDA_COPY_UNROLL 4
+/* A spinning thread looks at the clock and the abort flag once per this many polls. */
+#define EPX_CUDA_POLL_CHECK_EVERY 64
+
+/* Hello flags. */
+#define EPX_HELLO_INVALID 1     /* this rank's arguments failed validation */
+#define EPX_HELLO_BAD_ID 2      /* this rank's topk_idx holds an id outside [-1, E) */
+#define EPX_HELLO_HAS_TOPK 4
+#define EPX_HELLO_HAS_WEIGHTS 8
+
+/* Path of a dispatch: cached (handle filled earlier) or counted (count exchange
+ * inside the call, num_worst_tokens mode); a notify is op DISPATCH_NOTIFY. */
+#define EPX_PATH_CACHED 0
+#define EPX_PATH_COUNTED 1
+
+/* Phases named in error records. */
+enum {
+  EPX_PHASE_NONE = 0,
+  EPX_PHASE_HELLO = 1,   /* waiting for a peer's hello (count exchange) */
+  EPX_PHASE_ARRIVAL = 2, /* waiting for a peer's data to arrive */
+  EPX_PHASE_CHECK = 3    /* the headers of this call disagree */
+};
+
+/* Fields compared in the hello (named in mismatch messages). */
+enum {
+  EPX_FIELD_NONE = 0,
+  EPX_FIELD_OP,
+  EPX_FIELD_SEQ,
+  EPX_FIELD_HIDDEN,
+  EPX_FIELD_TOPK,
+  EPX_FIELD_X_TYPE,
+  EPX_FIELD_IDX_TYPE,
+  EPX_FIELD_SCALES,
+  EPX_FIELD_PATH,
+  EPX_FIELD_EXPERT_ID,
+  EPX_FIELD_CAPACITY
+};
+
+/* One hello message; counts[R] and expert_counts[E_local] follow it. `epoch`
+ * is written last with release semantics; the reader acquires it first. */
+typedef struct EpxHello {
+  unsigned long long epoch;
+  unsigned long long seq;
+  int op, flags, hidden, topk;
+  int x_type, idx_type, scale_format, path;
+  long long bad_id;  /* first out-of-range id seen (EPX_HELLO_BAD_ID) */
+  int bad_token;     /* its token */
+  int pad;
+} EpxHello;
+
+/* Where everything lives in one rank's region (peers address it through their
+ * IPC mapping of it). One source of truth for host allocation and kernels. */
+typedef struct EpxRegionLayout {
+  size_t hello_off, hello_stride; /* [2][R] hello slots */
+  size_t arrival_off;             /* [R] unsigned long long */
+  size_t payload_off, payload_stride;
+  size_t scales_off, scales_stride;
+  size_t src_off;     /* [rows] int */
+  size_t topk_off;    /* [rows][max_topk] int32 local ids */
+  size_t weights_off; /* [rows][max_topk] float */
+  size_t total;
+  long long rows;     /* R * max_tokens_per_rank */
+} EpxRegionLayout;
+
+static inline __host__ __device__ size_t epx_cuda_align(size_t n, size_t a) {
+  return (n + a - 1) / a * a;
+}
+
+/* Rows: dispatch needs N_recv <= R * maxT final rows, combine one slot per
+ * (source token, expert-side rank); both are R * maxT, so the ops share the
+ * rows (the hello of the next op proves the previous one was consumed).
+ * This first version sizes the region by max_tokens_per_rank instead of
+ * chunking it through a ring: memory grows with T (see the report). */
+static inline __host__ __device__ EpxRegionLayout epx_cuda_region_layout(int nranks, int max_tokens,
+                                                                         int hidden, int max_topk,
+                                                                         int num_local_experts) {
+  EpxRegionLayout l;
+  size_t off = 0;
+  l.rows = (long long)nranks * max_tokens;
+  l.hello_off = off;
+  l.hello_stride = epx_cuda_align(sizeof(EpxHello) + sizeof(int) * (size_t)(nranks + num_local_experts), 128);
+  off += l.hello_stride * EPX_CUDA_HELLO_SLOTS * (size_t)nranks;
+  l.arrival_off = epx_cuda_align(off, 128);
+  off = l.arrival_off + sizeof(unsigned long long) * (size_t)nranks;
+  l.payload_off = epx_cuda_align(off, 256);
+  l.payload_stride = epx_cuda_align(epx_payload_row_bytes(hidden, 0), EPX_ROW_ALIGN_BYTES);
+  off = l.payload_off + l.payload_stride * (size_t)l.rows;
+  l.scales_off = epx_cuda_align(off, 256);
+  l.scales_stride = epx_cuda_align(epx_scale_row_bytes(hidden, 1), EPX_ROW_ALIGN_BYTES);
+  off = l.scales_off + l.scales_stride * (size_t)l.rows;
+  l.src_off = epx_cuda_align(off, 256);
+  off = l.src_off + sizeof(int) * (size_t)l.rows;
+  l.topk_off = epx_cuda_align(off, 256);
+  off = l.topk_off + sizeof(int) * (size_t)max_topk * (size_t)l.rows;
+  l.weights_off = epx_cuda_align(off, 256);
+  off = l.weights_off + sizeof(float) * (size_t)max_topk * (size_t)l.rows;
+  l.total = epx_cuda_align(off, 4096);
+  return l;
+}
+
+/* The error a device wait or check leaves for the host. */
+typedef struct EpxErrRecord {
+  int code;   /* epxResult_t; 0 = none */
+  int op;     /* epxOp_t */
+  int phase;  /* EPX_PHASE_* */
+  int peer;   /* rank waited on or disagreeing; -1 if none */
+  int field;  /* EPX_FIELD_* for mismatches */
+  int pad;
+  long long expected, seen;
+  unsigned long long seq;
+} EpxErrRecord;
+
+/* Host-mapped (cudaHostAlloc mapped) words: written by kernels, read by the host
+ * after the stream work (or peeked at the next call), and the abort flag the
+ * host sets for every spinning kernel to see. */
+typedef struct EpxHostShared {
+  volatile int abort;
+  int status;         /* epxResult_t of the last count exchange */
+  long long n_recv;   /* N_recv of the last count exchange */
+  EpxErrRecord rec;
+  int per_expert[1];  /* [E_local], aligned counts of the last count exchange */
+} EpxHostShared;
+
+/* Device-memory state of this rank (not visible to peers). */
+typedef struct EpxCudaState {
+  unsigned long long epoch; /* collective ops begun on this communicator */
+  int call_status;          /* epxResult_t the hello of the current op decided */
+  int fatal;                /* sticky: a wait failed (timeout, abort); everything stops */
+  int err_claim;            /* first error of an op wins the record */
+  unsigned int done;        /* last-block counter of the send kernels */
+} EpxCudaState;
+
+/* What every kernel needs to know about the communicator. */
+typedef struct EpxDevCtx {
+  char *const *peers; /* [R] region base of every rank, mine included (device array) */
+  EpxCudaState *state;
+  EpxHostShared *host; /* device address of the host-mapped words */
+  EpxRegionLayout lay;
+  long long timeout_ns;
+  int rank, nranks, ranks_per_node;
+  int num_experts, num_local_experts;
+  int max_tokens, max_topk;
+} EpxDevCtx;
+
+#ifdef __CUDACC__
+
+/* ---- memory-ordering primitives (system scope: peers are other GPUs or
+ * other processes on this GPU) ---- */
+
+static __device__ __forceinline__ unsigned long long epx_ld_acquire_sys(const unsigned long long *p) {
+  unsigned long long v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+static __device__ __forceinline__ void epx_st_release_sys(unsigned long long *p, unsigned long long v) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+static __device__ __forceinline__ int epx_ld_volatile_i32(const volatile int *p) { return *p; }
+
+static __device__ __forceinline__ long long epx_globaltimer(void) {
+  long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+/* ---- errors ---- */
+
+static __device__ __forceinline__ int epx_code_is_fatal(int code) {
+  return code == epxTimeout || code == epxAborted || code == epxPeerFailed;
+}
+
+/* Records the first error of the current op. Fatal codes also raise the sticky
+ * flag that makes every later kernel of this communicator return at once.
+ * The claim is a device-memory CAS (atomics on host-mapped memory need PCIe
+ * atomics); the record itself is plain stores made visible to the host by the
+ * system fence. */
+static __device__ void epx_record_error(const EpxDevCtx &c, int code, int op, int phase, int peer,
+                                        int field, long long expected, long long seen,
+                                        unsigned long long seq) {
+  if (epx_code_is_fatal(code)) atomicExch(&c.state->fatal, 1);
+  if (atomicCAS(&c.state->err_claim, 0, 1) != 0) return;
+  volatile EpxErrRecord *r = &c.host->rec;
+  r->op = op;
+  r->phase = phase;
+  r->peer = peer;
+  r->field = field;
+  r->expected = expected;
+  r->seen = seen;
+  r->seq = seq;
+  __threadfence_system();
+  r->code = code; /* last: the host reads the fields only once code != 0 */
+  __threadfence_system();
+}
+
+/* Waits until *flag >= expected (an epoch). Wall clock (%globaltimer) against
+ * the communicator's timeout; polls the host-mapped abort flag and the sticky
+ * fatal flag. Returns 1 when the value arrived, 0 after recording the failure.
+ * The acquire load pairs with the peer's st.release.sys of the same word, so
+ * everything the peer wrote before that store is visible after a success. */
+static __device__ int epx_wait_epoch(const EpxDevCtx &c, const unsigned long long *flag,
+                                     unsigned long long expected, int op, int phase, int peer,
+                                     unsigned long long seq) {
+  long long start = epx_globaltimer();
+  for (unsigned int polls = 0;; ++polls) {
+    unsigned long long v = epx_ld_acquire_sys(flag);
+    if (v >= expected) return 1;
+    if (polls % EPX_CUDA_POLL_CHECK_EVERY == 0) {
+      if (epx_ld_volatile_i32(&c.host->abort)) {
+        epx_record_error(c, epxAborted, op, phase, peer, EPX_FIELD_NONE, (long long)expected,
+                         (long long)v, seq);
+        return 0;
+      }
+      if (epx_ld_volatile_i32((volatile int *)&c.state->fatal)) return 0;
+      if (epx_globaltimer() - start > c.timeout_ns) {
+        epx_record_error(c, epxTimeout, op, phase, peer, EPX_FIELD_NONE, (long long)expected,
+                         (long long)v, seq);
+        return 0;
+      }
+    }
+  }
+}
+
+static __device__ __forceinline__ EpxHello *epx_hello_slot(const EpxDevCtx &c, char *region,
+                                                           unsigned long long epoch, int src) {
+  size_t slot = (size_t)(epoch % EPX_CUDA_HELLO_SLOTS) * (size_t)c.nranks + (size_t)src;
+  return (EpxHello *)(region + c.lay.hello_off + slot * c.lay.hello_stride);
+}
+
+static __device__ __forceinline__ unsigned long long *epx_arrival(const EpxDevCtx &c, char *region,
+                                                                  int src) {
+  return (unsigned long long *)(region + c.lay.arrival_off) + src;
+}
+
+/* Ends a send kernel: once every block's writes are done, the last block
+ * release-stores arrival[me] = epoch into every peer's region. Each block's
+ * writes are ordered before its counter increment by a system fence; the last
+ * block sees all increments (one RMW chain), fences again, and each of its
+ * threads r fences and release-stores peer r's word, which pairs with the
+ * ld.acquire.sys in epx_wait_epoch on that peer (phase ARRIVAL). */
+static __device__ void epx_post_arrival(const EpxDevCtx &c, unsigned long long epoch) {
+  __shared__ int s_last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence_system();
+    unsigned int prev = atomicAdd(&c.state->done, 1u);
+    s_last = prev == gridDim.x - 1;
+    if (s_last) {
+      c.state->done = 0; /* ready for the next send kernel (stream order) */
+      __threadfence_system();
+    }
+  }
+  __syncthreads();
+  if (s_last && (int)threadIdx.x < c.nranks) {
+    __threadfence_system();
+    epx_st_release_sys(epx_arrival(c, c.peers[threadIdx.x], c.rank), epoch);
+  }
+}
+
+/* Every block of a consume kernel waits for every peer's arrival (thread r
+ * waits on peer r). Returns 1 when all arrived, 0 on a failed wait. */
+static __device__ int epx_wait_arrivals(const EpxDevCtx &c, unsigned long long epoch, int op,
+                                        unsigned long long seq) {
+  __shared__ int s_ok;
+  if (threadIdx.x == 0) s_ok = 1;
+  __syncthreads();
+  if ((int)threadIdx.x < c.nranks) {
+    const unsigned long long *flag = epx_arrival(c, c.peers[c.rank], threadIdx.x);
+    if (!epx_wait_epoch(c, flag, epoch, op, EPX_PHASE_ARRIVAL, threadIdx.x, seq)) s_ok = 0;
+  }
+  __syncthreads();
+  return s_ok;
+}
+
+/* ---- 16-byte row copies ---- */
+
+static __device__ __forceinline__ int4 epx_ld_nc_v4(const int4 *p) {
+  int4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+#endif /* __CUDACC__ */
+
+/* ---- kernel launches (one file per role) ---- */
+
+/* The hello / count exchange of one op (single block). */
+typedef struct EpxHelloParams {
+  EpxDevCtx ctx;
+  unsigned long long seq;
+  int op, flags, hidden, topk, x_type, idx_type, scale_format, path;
+  int counted;           /* 1: count tokens and fill the handle (notify, worst-case dispatch) */
+  int write_host;        /* 1: publish N_recv and per-expert counts to the host words */
+  const void *topk_idx;  /* NULL when absent */
+  int topk_is_int64, num_tokens, expert_alignment;
+  uint8_t *is_token_in_rank; /* handle arrays (counted path) */
+  int *send_row, *rank_prefix_matrix, *num_recv_per_expert;
+} EpxHelloParams;
+
+typedef struct EpxDispatchSendParams {
+  EpxDevCtx ctx;
+  unsigned long long seq;
+  int invalid;
+  const void *x;
+  const void *x_scales;
+  const void *topk_idx;
+  const float *topk_weights;
+  int topk_is_int64, num_tokens, num_topk;
+  int payload_bytes, scale_bytes;
+  const int *send_row; /* handle: [T, R] final row on r or -1 */
+} EpxDispatchSendParams;
+
+typedef struct EpxDispatchRecvParams {
+  EpxDevCtx ctx;
+  unsigned long long seq;
+  int invalid;
+  int num_topk, payload_bytes, scale_bytes, topk_is_int64;
+  long long num_worst_tokens;
+  long long capacity_rows;           /* rows the caller allocated: N_recv is checked against it */
+  const int *rank_prefix_matrix;     /* handle */
+  const int *handle_per_expert;      /* handle */
+  int *handle_recv_src_idx;          /* handle */
+  void *recv_x, *recv_x_scales, *recv_topk_idx;
+  float *recv_topk_weights;
+  int *recv_src_idx, *recv_rank_prefix, *num_recv_tokens_per_expert, *num_recv_tokens;
+} EpxDispatchRecvParams;
+
+typedef struct EpxCombineSendParams {
+  EpxDevCtx ctx;
+  unsigned long long seq;
+  int invalid;
+  const void *x;
+  const float *topk_weights;
+  int hidden, num_topk;
+  const int *rank_prefix_matrix; /* handle */
+  const int *recv_src_idx;       /* handle */
+} EpxCombineSendParams;
+
+typedef struct EpxCombineReduceParams {
+  EpxDevCtx ctx;
+  unsigned long long seq;
+  int invalid;
+  int hidden, num_topk, num_tokens, has_weights;
+  const uint8_t *is_token_in_rank; /* handle */
+  const void *bias0, *bias1;
+  void *combined_x;
+  float *combined_topk_weights;
+} EpxCombineReduceParams;
+
+typedef struct EpxLayoutParams {
+  EpxDevCtx ctx;
+  const void *topk_idx;
+  int topk_is_int64, num_tokens, num_topk;
+  int *num_tokens_per_rank, *num_tokens_per_node, *num_tokens_per_expert;
+  uint8_t *is_token_in_rank;
+} EpxLayoutParams;
+
+/* Launchers: enqueue on `stream`, return the launch error (cudaSuccess if none). */
+cudaError_t epx_cuda_launch_hello(const EpxHelloParams *p, cudaStream_t stream);
+
+/* Dynamic shared memory of the hello kernel: per-warp rank counts, the R x R
+ * count matrix, my per-expert counts and the received per-local-expert counts. */
+#define EPX_CUDA_HELLO_WARPS (EPX_CUDA_HELLO_THREADS / 32)
+static inline __host__ __device__ size_t epx_cuda_hello_smem_bytes(int nranks, int num_experts) {
+  size_t ints = (size_t)EPX_CUDA_HELLO_WARPS * nranks + (size_t)nranks * nranks +
+                (size_t)num_experts + (size_t)(num_experts / nranks);
+  return ints * sizeof(int);
+}
+cudaError_t epx_cuda_launch_dispatch_send(const EpxDispatchSendParams *p, int blocks,
+                                          cudaStream_t stream);
+cudaError_t epx_cuda_launch_dispatch_recv(const EpxDispatchRecvParams *p, int blocks,
+                                          cudaStream_t stream);
+cudaError_t epx_cuda_launch_combine_send(const EpxCombineSendParams *p, int blocks,
+                                         cudaStream_t stream);
+cudaError_t epx_cuda_launch_combine_reduce(const EpxCombineReduceParams *p, int blocks,
+                                           cudaStream_t stream);
+cudaError_t epx_cuda_launch_layout(const EpxLayoutParams *p, cudaStream_t stream);
+
+#endif /* EPX_CUDA_COMMON_CUH */

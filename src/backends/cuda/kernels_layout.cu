@@ -1,0 +1,90 @@
+/*
+ * kernels_layout.cu - epxGetDispatchLayout on the GPU, with no host sync.
+ *
+ * One warp per token (lane k holds slot k). Duplicates are collapsed with
+ * __match_any_sync so a token counts once per rank, node and expert. Counts
+ * gather in shared-memory histograms per block and are flushed with one
+ * global atomic per nonzero bin; the host zeroes the outputs first
+ * (cudaMemsetAsync on the same stream). Integer sums: the result does not
+ * depend on the order of the atomics.
+ */
+#include "backends/cuda/cuda_common.cuh"
+
+#define EPX_LAYOUT_THREADS 512
+#define EPX_LAYOUT_WARPS (EPX_LAYOUT_THREADS / 32)
+/* Tokens one warp handles, so a block amortises its histogram flush. */
+#define EPX_LAYOUT_TOKENS_PER_WARP 4
+/* Shared histograms up to this many bins; past it the kernel counts in global memory. */
+#define EPX_LAYOUT_MAX_SMEM_BINS 12288
+
+static __host__ __device__ int epx_layout_bins(const EpxDevCtx &c) {
+  return c.num_experts + c.nranks + c.nranks / c.ranks_per_node;
+}
+
+__global__ void __launch_bounds__(EPX_LAYOUT_THREADS) epx_layout_kernel(EpxLayoutParams p, int use_smem) {
+  extern __shared__ int s_hist[];
+  const EpxDevCtx &c = p.ctx;
+  const int R = c.nranks, nodes = R / c.ranks_per_node, lane = threadIdx.x % 32;
+  const int bins = epx_layout_bins(c);
+  int *h_expert = use_smem ? s_hist : p.num_tokens_per_expert;
+  int *h_rank = use_smem ? s_hist + c.num_experts : p.num_tokens_per_rank;
+  int *h_node = use_smem ? s_hist + c.num_experts + R : p.num_tokens_per_node;
+  if (use_smem)
+    for (int i = threadIdx.x; i < bins; i += blockDim.x) s_hist[i] = 0;
+  __syncthreads();
+
+  const int first = (blockIdx.x * EPX_LAYOUT_WARPS + threadIdx.x / 32) * EPX_LAYOUT_TOKENS_PER_WARP;
+  for (int t = first; t < min(p.num_tokens, first + EPX_LAYOUT_TOKENS_PER_WARP); ++t) {
+    long long id = -1;
+    if (lane < p.num_topk) id = epx_topk_get(p.topk_idx, p.topk_is_int64, t, p.num_topk, lane);
+    if (id < -1 || id >= c.num_experts) {
+      /* Never index with a bad id: count it as "no expert" and report it. */
+      epx_record_error(c, epxInvalidArgument, EPX_OP_NONE, EPX_PHASE_CHECK, c.rank,
+                       EPX_FIELD_EXPERT_ID, t, id, 0);
+      id = -1;
+    }
+    int dst = id >= 0 ? epx_expert_rank(id, c.num_local_experts) : -1;
+    int node = dst >= 0 ? epx_rank_node(dst, c.ranks_per_node) : -1;
+    for (int r = lane; r < R; r += 32) p.is_token_in_rank[(size_t)t * R + r] = 0;
+    __syncwarp(); /* the clears above land before the leaders' sets below */
+    unsigned same_rank = __match_any_sync(0xffffffffu, dst);
+    if (dst >= 0 && __ffs(same_rank) - 1 == lane) {
+      p.is_token_in_rank[(size_t)t * R + dst] = 1;
+      atomicAdd(&h_rank[dst], 1);
+    }
+    unsigned same_node = __match_any_sync(0xffffffffu, node);
+    if (node >= 0 && h_node && __ffs(same_node) - 1 == lane) atomicAdd(&h_node[node], 1);
+    unsigned same_expert = __match_any_sync(0xffffffffu, id);
+    if (id >= 0 && __ffs(same_expert) - 1 == lane) atomicAdd(&h_expert[id], 1);
+  }
+  if (!use_smem) return;
+  __syncthreads();
+  for (int i = threadIdx.x; i < bins; i += blockDim.x) {
+    int v = s_hist[i];
+    if (v == 0) continue;
+    if (i < c.num_experts)
+      atomicAdd(&p.num_tokens_per_expert[i], v);
+    else if (i < c.num_experts + R)
+      atomicAdd(&p.num_tokens_per_rank[i - c.num_experts], v);
+    else if (p.num_tokens_per_node && i - c.num_experts - R < nodes)
+      atomicAdd(&p.num_tokens_per_node[i - c.num_experts - R], v);
+  }
+}
+
+cudaError_t epx_cuda_launch_layout(const EpxLayoutParams *p, cudaStream_t stream) {
+  const EpxDevCtx &c = p->ctx;
+  int nodes = c.nranks / c.ranks_per_node;
+  cudaError_t err = cudaMemsetAsync(p->num_tokens_per_rank, 0, sizeof(int) * (size_t)c.nranks, stream);
+  if (err == cudaSuccess)
+    err = cudaMemsetAsync(p->num_tokens_per_expert, 0, sizeof(int) * (size_t)c.num_experts, stream);
+  if (err == cudaSuccess && p->num_tokens_per_node)
+    err = cudaMemsetAsync(p->num_tokens_per_node, 0, sizeof(int) * (size_t)nodes, stream);
+  if (err != cudaSuccess || p->num_tokens == 0) return err;
+  int bins = epx_layout_bins(c);
+  int use_smem = bins <= EPX_LAYOUT_MAX_SMEM_BINS;
+  int per_block = EPX_LAYOUT_WARPS * EPX_LAYOUT_TOKENS_PER_WARP;
+  int blocks = (p->num_tokens + per_block - 1) / per_block;
+  epx_layout_kernel<<<blocks, EPX_LAYOUT_THREADS, use_smem ? sizeof(int) * (size_t)bins : 0, stream>>>(
+      *p, use_smem);
+  return cudaGetLastError();
+}
