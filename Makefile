@@ -59,7 +59,7 @@ BENCH_SRCS := $(wildcard bench/*.c)
 BENCH_OBJS := $(BENCH_SRCS:%.c=$(BUILD)/obj/%.o)
 BENCH := $(BUILD)/epx-bench
 
-.PHONY: all lib test test-unit test-mp bench bench-host clean header-check format
+.PHONY: all lib test test-cuda bench clean header-check
 all: lib $(REF_LIB)
 lib: $(SO) $(AR_LIB)
 
@@ -117,8 +117,22 @@ header-check:
 	cp $(BUILD)/hc.c $(BUILD)/hc.cpp
 	c++ -std=c++11 -pedantic -Wall -Wextra -Werror -Iinclude -c $(BUILD)/hc.cpp -o $(BUILD)/hc_cpp.o
 
-test: header-check $(UNIT_BINS) $(MP_BINS) $(BENCH)
+# GPU tests: built wherever nvcc is (CI compiles them), run by tools/gpu-check
+# on the GPU machine.
+ifeq ($(WITH_CUDA),1)
+CUDA_TEST_BINS := $(patsubst tests/cuda/%.c,$(BUILD)/tests/%,$(wildcard tests/cuda/*.c))
+$(BUILD)/tests/%: tests/cuda/%.c $(AR_LIB) $(REF_LIB) $(TEST_COMMON_OBJS)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -Itests -I$(CUDA_HOME)/include -o $@ $< $(TEST_COMMON_OBJS) $(REF_LIB) $(AR_LIB) $(CUDA_LIBS) $(LDLIBS)
+endif
+
+test: header-check $(UNIT_BINS) $(MP_BINS) $(BENCH) $(CUDA_TEST_BINS)
 	@tools/run-tests $(BUILD) $(UNIT_BINS) $(MP_BINS)
+
+
+test-cuda: $(CUDA_TEST_BINS)
+	@if [ -z "$(CUDA_TEST_BINS)" ]; then echo "no CUDA tests built (nvcc missing?)"; exit 1; fi
+	tools/run-tests $(BUILD) $(CUDA_TEST_BINS)
 
 bench: $(BENCH)
 	tools/bench $(BUILD)

@@ -11,10 +11,21 @@
 #define EPX_CORE_INTERNAL_H
 
 #include <stdarg.h>
-#include <stdatomic.h>
 #include <stdint.h>
 
 #include "epx.h"
+
+/* The CUDA backend includes this header from C++ (nvcc), where C11 atomics do
+ * not exist; std::atomic<int> has the same size and layout under GCC and Clang,
+ * so both languages agree on struct epxComm. */
+#ifdef __cplusplus
+#include <atomic>
+typedef std::atomic<int> epx_atomic_int;
+extern "C" {
+#else
+#include <stdatomic.h>
+typedef atomic_int epx_atomic_int;
+#endif
 
 /* Marks the definitions of public functions: the library hides everything else. */
 #define EPX_API __attribute__((visibility("default")))
@@ -59,8 +70,8 @@ struct epxComm {
   uint64_t uid;        /* random id of this communicator, equal on every rank */
   uint64_t seq;        /* collective calls issued so far */
   int64_t timeout_ns, soft_timeout_ns;
-  atomic_int abort_flag;  /* set by epxCommAbort, read by every wait */
-  atomic_int async_error; /* sticky epxResult_t of a fatal failure */
+  epx_atomic_int abort_flag;  /* set by epxCommAbort, read by every wait */
+  epx_atomic_int async_error; /* sticky epxResult_t of a fatal failure */
   const struct epxBackendOps *ops;
   void *backend; /* backend-private state */
   void *ll_combine_buffer; /* lazily allocated zero-copy buffer (backend memory) */
@@ -162,5 +173,9 @@ char *epx_thread_error_slot(void);
 /* ---- time ---- */
 
 int64_t epx_now_ns(void); /* CLOCK_MONOTONIC */
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
 
 #endif /* EPX_CORE_INTERNAL_H */

@@ -12,11 +12,14 @@
  * tokens straight into their final rows, combine into per-(token, rank) slots.
  *
  * Errors found on the device (timeouts, abort, a bad expert id, headers that
- * disagree, a peer's invalid arguments) are written to a host-mapped record.
- * epxDispatchNotify synchronises and returns them for that call. Stream-ordered
- * calls (dispatch, combine, layout) cannot: the record is read at the next
- * call on the communicator, which then fails and marks the communicator failed
- * (epx_set_async_error), since the ranks can no longer be sure to agree.
+ * disagree, a peer's invalid arguments, too few output rows) are written to a
+ * host-mapped record, and the failed op writes none of the caller's outputs.
+ * epxDispatchNotify synchronises and returns them for that call; per-call errors
+ * (mismatch, invalid arguments) leave the communicator usable. Stream-ordered
+ * calls (dispatch, combine, layout) return before the device knows: the record
+ * is read at the next call on the communicator, which fails with it and marks
+ * the communicator failed (epx_set_async_error), because ranks that already
+ * issued their next call can no longer line up (they time out).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -39,6 +42,7 @@ typedef struct EpxCudaComm {
   unsigned char *peer_ipc;  /* [R] 1 where peer_host[r] came from cudaIpcOpenMemHandle */
   char **peers_dev;         /* device copy of peer_host */
   EpxCudaState *state;
+  int *scratch_pos;         /* [maxT, R] count-exchange scratch (see kernels_hello.cu) */
   EpxHostShared *host;      /* host view */
   EpxHostShared *host_dev;  /* device view */
   int blocks;               /* blocks of the data kernels */
@@ -186,7 +190,7 @@ static void cuda_size_hints(const epxConfig_t *config, int nranks, epxSizeHints_
   EpxRegionLayout lay = epx_cuda_region_layout(nranks, config->max_tokens_per_rank, config->hidden,
                                                config->max_topk, El);
   size_t T = (size_t)config->max_tokens_per_rank, R = (size_t)nranks;
-  hints->comm_buffer_bytes = lay.total;
+  hints->comm_buffer_bytes = lay.total + sizeof(int) * T * R /* scratch */;
   hints->ll_buffer_bytes = 0;
   hints->handle_bytes = T * R /* is_token_in_rank */ + 4 * T * R /* send_row */ +
                         4 * R * R + 4 * R * T /* recv_src_idx */ + 4 * (size_t)El + 5 * 256;
@@ -208,6 +212,7 @@ static void release(epxComm_t comm) {
   free(cc->peer_ipc);
   if (cc->peers_dev) cudaFree(cc->peers_dev);
   if (cc->state) cudaFree(cc->state);
+  if (cc->scratch_pos) cudaFree(cc->scratch_pos);
   if (cc->region) cudaFree(cc->region);
   if (cc->host) cudaFreeHost(cc->host);
   if (cc->comm_stream) cudaStreamDestroy(cc->comm_stream);
@@ -263,6 +268,9 @@ static epxResult_t cuda_init(epxComm_t comm, struct epxBootstrap *boot) {
   EPX_CUDA_TRY(cudaMalloc((void **)&cc->region, cc->lay.total), "cudaMalloc (region)");
   /* Hello and arrival words start at epoch 0 < every epoch a peer waits for. */
   EPX_CUDA_TRY(cudaMemsetAsync(cc->region, 0, cc->lay.total, cc->comm_stream), "cudaMemsetAsync");
+  EPX_CUDA_TRY(cudaMalloc((void **)&cc->scratch_pos,
+                          sizeof(int) * (size_t)R * (size_t)comm->config.max_tokens_per_rank),
+               "cudaMalloc (scratch)");
   EPX_CUDA_TRY(cudaMalloc((void **)&cc->state, sizeof(EpxCudaState)), "cudaMalloc (state)");
   EPX_CUDA_TRY(cudaMemsetAsync(cc->state, 0, sizeof(EpxCudaState), cc->comm_stream), "cudaMemsetAsync");
   EPX_CUDA_TRY(cudaStreamSynchronize(cc->comm_stream), "cudaStreamSynchronize");
@@ -438,6 +446,7 @@ static EpxHelloParams dispatch_hello(epxComm_t comm, const epxCall_t *call,
   p.topk_is_int64 = a->topk_idx_type == epxInt64;
   p.num_tokens = a->num_tokens;
   p.expert_alignment = a->expert_alignment;
+  p.scratch_pos = cc_of(comm)->scratch_pos;
   p.is_token_in_rank = h->is_token_in_rank;
   p.send_row = h->send_row;
   p.rank_prefix_matrix = h->rank_prefix_matrix;
@@ -482,7 +491,10 @@ static epxResult_t cuda_dispatch_notify(epxComm_t comm, const epxCall_t *call,
     return report_record(comm, "");
   if (cc->host->status != 0) {
     /* This rank's own invalid arguments: the core keeps the validation message. */
-    if (call->local_invalid) return epxInvalidArgument;
+    if (call->local_invalid) {
+      cc->host->rec.code = 0;
+      return epxInvalidArgument;
+    }
     if (code != 0) return report_record(comm, "");
     return epx_error(comm, epxInternalError, "epxDispatchNotify: the count exchange reported %d",
                      cc->host->status);

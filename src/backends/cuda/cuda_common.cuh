@@ -30,13 +30,7 @@
 #include "common/numerics.h"
 #include "epx.h"
 
-/* internal.h is C11 and declares C11 atomic_int fields; nvcc compiles C++,
- * where std::atomic<int> has the same size and layout (GCC and Clang ABI). */
-#include <atomic>
-typedef std::atomic<int> atomic_int;
-extern "C" {
 #include "core/internal.h"
-}
 
 /* Ranks one NVLink-domain communicator of this backend serves: the count
  * exchange keeps an R x R matrix in shared memory. */
@@ -348,7 +342,8 @@ typedef struct EpxHelloParams {
   int write_host;        /* 1: publish N_recv and per-expert counts to the host words */
   const void *topk_idx;  /* NULL when absent */
   int topk_is_int64, num_tokens, expert_alignment;
-  uint8_t *is_token_in_rank; /* handle arrays (counted path) */
+  int *scratch_pos;           /* comm scratch [maxT, R]: pass-1 positions, -1 = not sent */
+  uint8_t *is_token_in_rank; /* handle arrays (counted path), written only on success */
   int *send_row, *rank_prefix_matrix, *num_recv_per_expert;
 } EpxHelloParams;
 

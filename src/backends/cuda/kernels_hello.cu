@@ -65,17 +65,13 @@ static __device__ void epx_hello_scan_tokens(const EpxHelloParams &p, int t0, in
     }
     if (!p.counted) continue;
     int dst = id >= 0 ? epx_expert_rank(id, c.num_local_experts) : -1;
-    for (int r = lane; r < R; r += 32) {
-      p.is_token_in_rank[(size_t)t * R + r] = 0;
-      p.send_row[(size_t)t * R + r] = -1;
-    }
+    for (int r = lane; r < R; r += 32) p.scratch_pos[(size_t)t * R + r] = -1;
     __syncwarp(); /* orders the clears above before the leaders' writes below */
     unsigned same_rank = __match_any_sync(0xffffffffu, dst);
     if (dst >= 0 && __ffs(same_rank) - 1 == lane) {
       /* One leader per destination rank: a token goes to a rank once. The
        * position is this warp's running count (warp-private row, distinct dst). */
-      p.is_token_in_rank[(size_t)t * R + dst] = 1;
-      p.send_row[(size_t)t * R + dst] = s_wcnt_row[dst]++;
+      p.scratch_pos[(size_t)t * R + dst] = s_wcnt_row[dst]++;
     }
     unsigned same_expert = __match_any_sync(0xffffffffu, id);
     if (id >= 0 && __ffs(same_expert) - 1 == lane) atomicAdd(&s_expert[id], 1);
@@ -214,11 +210,8 @@ __global__ void __launch_bounds__(EPX_CUDA_HELLO_THREADS, 1) epx_hello_kernel(Ep
     }
     s_status = s_code[best];
     if (s_status != 0) {
-      /* A rank whose own arguments failed host validation already knows why;
-       * every other failure goes to the record for the host to report. */
-      if (!(p.flags & EPX_HELLO_INVALID))
-        epx_record_error(c, s_status, p.op, EPX_PHASE_CHECK, best, s_field[best], s_mine[best],
-                         s_theirs[best], p.seq);
+      epx_record_error(c, s_status, p.op, EPX_PHASE_CHECK, best, s_field[best], s_mine[best],
+                       s_theirs[best], p.seq);
       c.state->call_status = s_status;
       if (p.write_host) c.host->status = s_status;
     }
@@ -244,13 +237,14 @@ __global__ void __launch_bounds__(EPX_CUDA_HELLO_THREADS, 1) epx_hello_kernel(Ep
     p.num_recv_per_expert[j] = aligned;
     if (p.write_host) c.host->per_expert[j] = aligned;
   }
-  __syncthreads(); /* pass-1 positions in send_row (global) are visible block-wide */
+  __syncthreads(); /* pass-1 positions in scratch (global) are visible block-wide */
+  /* The handle is written only now, once the call is known to succeed: a
+   * failed count exchange leaves the caller's handle as it was. */
   for (size_t i = threadIdx.x; i < (size_t)T * R; i += blockDim.x) {
-    int pos = p.send_row[i];
-    if (pos >= 0) {
-      int t = (int)(i / R), r = (int)(i % R);
-      p.send_row[i] = s_base[r] + s_wcnt[(t / chunk) * R + r] + pos;
-    }
+    int pos = p.scratch_pos[i];
+    int t = (int)(i / R), r = (int)(i % R);
+    p.is_token_in_rank[i] = pos >= 0;
+    p.send_row[i] = pos >= 0 ? s_base[r] + s_wcnt[(t / chunk) * R + r] + pos : -1;
   }
   if (threadIdx.x == 0 && p.write_host) c.host->status = 0;
 }
