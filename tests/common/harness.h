@@ -27,7 +27,7 @@ typedef int (*epx_test_rank_fn)(int rank, int nranks, const epxUniqueId *id, voi
 /* Sets EPX_SOCKET_LOOPBACK=1, makes a unique id (in a helper process that
  * keeps the rendezvous service alive, so that the forking process never has a
  * second thread), forks `nranks` children that
- * each run _exit(fn(rank, nranks, &id, arg)), and waits at most timeout_s
+ * each run exit(fn(rank, nranks, &id, arg)), and waits at most timeout_s
  * seconds of wall time; on timeout every child still running is killed with
  * SIGKILL. Once one child has failed, the others get a short grace period and
  * are then killed (with EPX_TEST_GDB=1, their stacks are printed first).
@@ -41,6 +41,14 @@ int epx_test_spawn(int nranks, epx_test_rank_fn fn, void *arg, int timeout_s);
  * the ranks are forked (unsafe under AddressSanitizer). */
 int epx_test_spawn_with_id(int nranks, epx_test_rank_fn fn, void *arg, int timeout_s,
                            const epxUniqueId *id);
+
+/* For tests that fork their ranks themselves (fault injection): sets
+ * EPX_SOCKET_LOOPBACK=1 and makes a unique id in a helper process that serves
+ * the rendezvous, as epx_test_spawn does, so the caller stays single-threaded.
+ * *helper_pid receives the helper's pid; end it with epx_test_unique_id_release
+ * once the ranks have initialised. Returns 0 on success. */
+int epx_test_unique_id(epxUniqueId *id, int *helper_pid);
+void epx_test_unique_id_release(int helper_pid);
 
 /* Seconds of CLOCK_MONOTONIC. */
 double epx_test_now(void);

@@ -329,7 +329,7 @@ static const lcase cases[] = {
 
 /* Random shapes (reliability.md R12), reproducible from the printed seed:
  * EPX_TEST_SEED=<seed> EPX_TEST_RANDOM_CASES=1 test_low_latency random. */
-#define DEFAULT_RANDOM_CASES 20
+#define DEFAULT_RANDOM_CASES 40
 #define DEFAULT_RANDOM_SEED 20240701u
 
 static void random_case(uint64_t seed, lcase *c, char *name, size_t name_len) {

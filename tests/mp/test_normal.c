@@ -477,6 +477,11 @@ static const ncase cases[] = {
      .seed = 19},
     {.name = "four_ranks_fp8_f32_worst_case_int32", .R = 4, .rpn = 1, .E = 64, .H = 2048, .K = 6,
      .T = 48, .int32 = 1, .payload = EPX_PAYLOAD_FP8_F32, .weights = 1, .worst = 1, .seed = 20},
+    {.name = "eight_ranks_two_nodes_t4096_h128_e256_k8", .R = 8, .rpn = 4, .E = 256, .H = 128,
+     .K = 8, .T = 4096, .weights = 1, .nbias = 1, .comb_weights = 1, .alignment = 128, .seed = 22},
+    {.name = "four_ranks_t4096_h2048_fp8_ue8m0_skewed_worst_case", .R = 4, .rpn = 2, .E = 64,
+     .H = 2048, .K = 8, .T = 4096, .routing = EPX_ROUTING_SKEWED, .payload = EPX_PAYLOAD_FP8_UE8M0,
+     .weights = 1, .worst = 1, .seed = 23},
     {.name = "two_ranks_h7168_bf16_uniform", .R = 2, .E = 64, .H = 7168, .K = 8, .T = 128,
      .weights = 1, .nbias = 2, .comb_weights = 1, .seed = 21},
 };
@@ -485,7 +490,7 @@ static const ncase cases[] = {
  * failure names a seed that reproduces it (EPX_TEST_SEED=<seed>
  * EPX_TEST_RANDOM_CASES=1 test_normal random). Each case runs two cycles on one
  * communicator; every output is exact against the reference both times. */
-#define DEFAULT_RANDOM_CASES 24
+#define DEFAULT_RANDOM_CASES 40
 #define DEFAULT_RANDOM_SEED 20240601u
 
 static void random_case(uint64_t seed, ncase *c, char *name, size_t name_len) {
