@@ -142,6 +142,11 @@ EPX_HD float epx_add_rn(float a, float b) {
 EPX_HD void epx_fp8_cast_token(const uint16_t *x, int hidden, int round_scale, uint8_t *out,
                                float *scales_f32, uint32_t *ue8m0_words) {
   int groups = hidden / EPX_FP8_GROUP;
+  /* Words are cleared up front (not when their first group is reached), so
+   * every word is written before it is read-modified. */
+  if (ue8m0_words)
+    for (int w = 0; w < (groups + EPX_UE8M0_PER_WORD - 1) / EPX_UE8M0_PER_WORD; ++w)
+      ue8m0_words[w] = 0;
   for (int g = 0; g < groups; ++g) {
     const uint16_t *xg = x + g * EPX_FP8_GROUP;
     float amax = 0.0f;
@@ -156,9 +161,7 @@ EPX_HD void epx_fp8_cast_token(const uint16_t *x, int hidden, int round_scale, u
     if (scales_f32) scales_f32[g] = scale;
     if (ue8m0_words) {
       uint32_t shift = 8u * (uint32_t)(g % EPX_UE8M0_PER_WORD);
-      uint32_t *w = &ue8m0_words[g / EPX_UE8M0_PER_WORD];
-      if (g % EPX_UE8M0_PER_WORD == 0) *w = 0;
-      *w |= (uint32_t)epx_ue8m0_from_scale(scale) << shift;
+      ue8m0_words[g / EPX_UE8M0_PER_WORD] |= (uint32_t)epx_ue8m0_from_scale(scale) << shift;
     }
   }
 }
