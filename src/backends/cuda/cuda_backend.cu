@@ -4,8 +4,9 @@
  * error records into result codes and messages.
  *
  * Normal mode inside one NVLink domain (every rank reaches every other by
- * load/store). Low-latency mode is not built yet; its entries answer
- * epxNotSupported, and its kernels will come in their own files.
+ * load/store). Low-latency mode (ll_*.cu, protocol in cuda_common.cuh) uses a
+ * second IPC-shared region per rank, allocated at init when
+ * ll_max_tokens_per_rank > 0; its ops never synchronise the host.
  *
  * Memory per rank: one region (cudaMalloc, shared by IPC) whose rows are sized
  * by R * max_tokens_per_rank (see epx_cuda_region_layout): dispatch writes
@@ -46,7 +47,27 @@ typedef struct EpxCudaComm {
   EpxHostShared *host;      /* host view */
   EpxHostShared *host_dev;  /* device view */
   int blocks;               /* blocks of the data kernels */
+  /* low-latency mode */
+  int ll_enabled;           /* 0: LL ops answer epxNotSupported (ll_off_reason) */
+  const char *ll_off_reason;
+  int ll_blocks;            /* blocks of the LL kernels */
+  EpxLLLayout ll_lay;
+  char *ll_region;
+  char **ll_peer_host;
+  unsigned char *ll_peer_ipc;
+  char **ll_peers_dev;
+  uint64_t ll_ops;          /* LL ops issued by this host (slot of op n: n & 1) */
+  int ll_slot_pending[2];   /* a send-only phase in that slot awaits epxLowLatencyRecv */
 } EpxCudaComm;
+
+/* Host-side state of a handle: the device arrays and the pending receive. */
+typedef struct EpxCudaHandle {
+  char *dev;                     /* one cudaMalloc: normal and LL arrays, LL op word */
+  unsigned long long *ll_epoch;  /* device word: op number of the handle's last LL send */
+  int ll_slot;                   /* host slot of a pending send-only phase */
+  EpxLLDispatchRecvParams drecv; /* launched by epxLowLatencyRecv */
+  EpxLLCombineRecvParams crecv;
+} EpxCudaHandle;
 
 /* What each rank publishes at set-up. */
 typedef struct EpxCudaPeerInfo {
@@ -55,6 +76,9 @@ typedef struct EpxCudaPeerInfo {
   unsigned long long region_ptr; /* for peers inside the same process */
   int pid;
   int device;
+  cudaIpcMemHandle_t ll_ipc; /* LL region (when ll_bytes > 0) */
+  unsigned long long ll_bytes;
+  unsigned long long ll_ptr;
 } EpxCudaPeerInfo;
 
 static EpxCudaComm *cc_of(epxComm_t comm) { return (EpxCudaComm *)comm->backend; }
@@ -90,6 +114,9 @@ static EpxDevCtx make_ctx(epxComm_t comm) {
   c.num_local_experts = comm->num_local_experts;
   c.max_tokens = comm->config.max_tokens_per_rank;
   c.max_topk = comm->config.max_topk;
+  c.ll_peers = cc->ll_peers_dev;
+  c.ll = cc->ll_lay;
+  c.ll_max_tokens = comm->config.ll_max_tokens_per_rank;
   return c;
 }
 
@@ -100,6 +127,8 @@ static const char *phase_name(int phase) {
     case EPX_PHASE_HELLO: return "count exchange (hello)";
     case EPX_PHASE_ARRIVAL: return "data arrival";
     case EPX_PHASE_CHECK: return "call check";
+    case EPX_PHASE_LL_SLOT: return "low-latency buffer slot reuse (peer's previous receive)";
+    case EPX_PHASE_LL_SIGNAL: return "low-latency messages";
     default: return "unknown phase";
   }
 }
@@ -191,9 +220,14 @@ static void cuda_size_hints(const epxConfig_t *config, int nranks, epxSizeHints_
                                                config->max_topk, El);
   size_t T = (size_t)config->max_tokens_per_rank, R = (size_t)nranks;
   hints->comm_buffer_bytes = lay.total + sizeof(int) * T * R /* scratch */;
-  hints->ll_buffer_bytes = 0;
+  size_t llT = (size_t)config->ll_max_tokens_per_rank;
+  hints->ll_buffer_bytes =
+      llT ? epx_cuda_ll_layout(nranks, (int)llT, config->hidden, config->max_topk, El).total : 0;
   hints->handle_bytes = T * R /* is_token_in_rank */ + 4 * T * R /* send_row */ +
-                        4 * R * R + 4 * R * T /* recv_src_idx */ + 4 * (size_t)El + 5 * 256;
+                        4 * R * R + 4 * R * T /* recv_src_idx */ + 4 * (size_t)El +
+                        12 * (size_t)El * R * llT /* LL row tables */ +
+                        4 * (size_t)El + 8 * (size_t)El * R + 8 /* LL counts, ranges, op */ +
+                        10 * 256;
 }
 
 static void release(epxComm_t comm) {
@@ -214,6 +248,16 @@ static void release(epxComm_t comm) {
   if (cc->state) cudaFree(cc->state);
   if (cc->scratch_pos) cudaFree(cc->scratch_pos);
   if (cc->region) cudaFree(cc->region);
+  if (cc->ll_peer_host) {
+    for (int r = 0; r < comm->nranks; ++r)
+      if (cc->ll_peer_ipc && cc->ll_peer_ipc[r]) cudaIpcCloseMemHandle(cc->ll_peer_host[r]);
+  }
+  free(cc->ll_peer_host);
+  free(cc->ll_peer_ipc);
+  if (cc->ll_peers_dev) cudaFree(cc->ll_peers_dev);
+  if (cc->ll_region) cudaFree(cc->ll_region);
+  if (comm->ll_combine_buffer) cudaFree(comm->ll_combine_buffer);
+  comm->ll_combine_buffer = NULL;
   if (cc->host) cudaFreeHost(cc->host);
   if (cc->comm_stream) cudaStreamDestroy(cc->comm_stream);
   free(cc);
@@ -260,6 +304,23 @@ static epxResult_t cuda_init(epxComm_t comm, struct epxBootstrap *boot) {
     }
     cc->blocks = comm->config.num_sms > 0 ? comm->config.num_sms : EPX_CUDA_DEFAULT_BLOCKS;
     if (cc->blocks > prop.multiProcessorCount) cc->blocks = prop.multiProcessorCount;
+    /* LL kernels are latency-bound: spread them over every SM. */
+    cc->ll_blocks = prop.multiProcessorCount;
+    if (comm->config.ll_max_tokens_per_rank > 0) {
+      /* The send kernel keeps E x ceil(T/32) bitmask words in shared memory;
+       * 8 KB stay for its static shared memory. */
+      size_t mask = epx_cuda_ll_mask_bytes(comm->config.num_experts,
+                                           comm->config.ll_max_tokens_per_rank);
+      if (mask + 8192 > prop.sharedMemPerBlockOptin)
+        cc->ll_off_reason = "num_experts x ll_max_tokens_per_rank is too large for the send "
+                            "kernel's shared-memory bitmasks";
+      else if ((size_t)comm->num_local_experts * (size_t)R * 4 + 8192 > prop.sharedMemPerBlockOptin)
+        cc->ll_off_reason = "num_experts is too large for the receive kernel's shared memory";
+      else
+        cc->ll_enabled = 1;
+    } else {
+      cc->ll_off_reason = "config.ll_max_tokens_per_rank is 0";
+    }
   }
   EPX_CUDA_TRY(cudaStreamCreateWithFlags(&cc->comm_stream, cudaStreamNonBlocking), "cudaStreamCreate");
 
@@ -272,6 +333,14 @@ static epxResult_t cuda_init(epxComm_t comm, struct epxBootstrap *boot) {
                           sizeof(int) * (size_t)R * (size_t)comm->config.max_tokens_per_rank),
                "cudaMalloc (scratch)");
   EPX_CUDA_TRY(cudaMalloc((void **)&cc->state, sizeof(EpxCudaState)), "cudaMalloc (state)");
+  if (cc->ll_enabled) {
+    cc->ll_lay = epx_cuda_ll_layout(R, comm->config.ll_max_tokens_per_rank, comm->config.hidden,
+                                    comm->config.max_topk, comm->num_local_experts);
+    EPX_CUDA_TRY(cudaMalloc((void **)&cc->ll_region, cc->ll_lay.total), "cudaMalloc (LL region)");
+    /* Signal and ack words start at op 0 < every op a peer waits for. */
+    EPX_CUDA_TRY(cudaMemsetAsync(cc->ll_region, 0, cc->ll_lay.total, cc->comm_stream),
+                 "cudaMemsetAsync (LL region)");
+  }
   EPX_CUDA_TRY(cudaMemsetAsync(cc->state, 0, sizeof(EpxCudaState), cc->comm_stream), "cudaMemsetAsync");
   EPX_CUDA_TRY(cudaStreamSynchronize(cc->comm_stream), "cudaStreamSynchronize");
   {
@@ -292,10 +361,17 @@ static epxResult_t cuda_init(epxComm_t comm, struct epxBootstrap *boot) {
     mine.region_ptr = (unsigned long long)(uintptr_t)cc->region;
     mine.pid = (int)getpid();
     mine.device = cc->device;
+    if (cc->ll_enabled) {
+      EPX_CUDA_TRY(cudaIpcGetMemHandle(&mine.ll_ipc, cc->ll_region), "cudaIpcGetMemHandle (LL)");
+      mine.ll_bytes = cc->ll_lay.total;
+      mine.ll_ptr = (unsigned long long)(uintptr_t)cc->ll_region;
+    }
     all = (EpxCudaPeerInfo *)calloc((size_t)R, sizeof *all);
     cc->peer_host = (char **)calloc((size_t)R, sizeof(char *));
     cc->peer_ipc = (unsigned char *)calloc((size_t)R, 1);
-    if (!all || !cc->peer_host || !cc->peer_ipc) {
+    cc->ll_peer_host = (char **)calloc((size_t)R, sizeof(char *));
+    cc->ll_peer_ipc = (unsigned char *)calloc((size_t)R, 1);
+    if (!all || !cc->peer_host || !cc->peer_ipc || !cc->ll_peer_host || !cc->ll_peer_ipc) {
       res = epx_error(comm, epxOutOfMemory, "cannot allocate the peer table");
       goto fail;
     }
@@ -305,9 +381,10 @@ static epxResult_t cuda_init(epxComm_t comm, struct epxBootstrap *boot) {
       goto fail;
     }
     for (int r = 0; r < R; ++r) {
-      if (all[r].region_bytes != mine.region_bytes) {
-        res = epx_error(comm, epxMismatch, "rank %d's region has %llu bytes, this rank's %llu", r,
-                        all[r].region_bytes, mine.region_bytes);
+      if (all[r].region_bytes != mine.region_bytes || all[r].ll_bytes != mine.ll_bytes) {
+        res = epx_error(comm, epxMismatch,
+                        "rank %d's regions have %llu + %llu bytes, this rank's %llu + %llu", r,
+                        all[r].region_bytes, all[r].ll_bytes, mine.region_bytes, mine.ll_bytes);
         goto fail;
       }
       if (r == me) {
@@ -334,6 +411,30 @@ static epxResult_t cuda_init(epxComm_t comm, struct epxBootstrap *boot) {
         cc->peer_host[r] = (char *)p;
         cc->peer_ipc[r] = 1;
       }
+      if (!cc->ll_enabled) continue;
+      if (r == me) {
+        cc->ll_peer_host[r] = cc->ll_region;
+      } else if (all[r].pid == mine.pid) {
+        cc->ll_peer_host[r] = (char *)(uintptr_t)all[r].ll_ptr; /* peer access enabled above */
+      } else {
+        void *p = NULL;
+        cudaError_t e = cudaIpcOpenMemHandle(&p, all[r].ll_ipc, cudaIpcMemLazyEnablePeerAccess);
+        if (e != cudaSuccess) {
+          res = epx_error(comm, epxCudaError,
+                          "cudaIpcOpenMemHandle of rank %d's low-latency region failed: %s", r,
+                          cudaGetErrorString(e));
+          goto fail;
+        }
+        cc->ll_peer_host[r] = (char *)p;
+        cc->ll_peer_ipc[r] = 1;
+      }
+    }
+    if (cc->ll_enabled) {
+      EPX_CUDA_TRY(cudaMalloc((void **)&cc->ll_peers_dev, sizeof(char *) * (size_t)R),
+                   "cudaMalloc (LL peers)");
+      EPX_CUDA_TRY(cudaMemcpy(cc->ll_peers_dev, cc->ll_peer_host, sizeof(char *) * (size_t)R,
+                              cudaMemcpyHostToDevice),
+                   "cudaMemcpy (LL peers)");
     }
     EPX_CUDA_TRY(cudaMalloc((void **)&cc->peers_dev, sizeof(char *) * (size_t)R), "cudaMalloc (peers)");
     EPX_CUDA_TRY(cudaMemcpy(cc->peers_dev, cc->peer_host, sizeof(char *) * (size_t)R,
@@ -364,35 +465,70 @@ static epxResult_t cuda_handle_alloc(epxComm_t comm, epxHandle_t h) {
   EpxCudaComm *cc = cc_of(comm);
   size_t T = (size_t)comm->config.max_tokens_per_rank, R = (size_t)comm->nranks;
   size_t El = (size_t)comm->num_local_experts;
+  size_t llrows = El * R * (size_t)comm->config.ll_max_tokens_per_rank;
   size_t off_itr = 0;
   size_t off_send = epx_cuda_align(off_itr + T * R, 256);
   size_t off_mat = epx_cuda_align(off_send + 4 * T * R, 256);
   size_t off_src = epx_cuda_align(off_mat + 4 * R * R, 256);
   size_t off_exp = epx_cuda_align(off_src + 4 * R * T, 256);
-  size_t total = epx_cuda_align(off_exp + 4 * El, 256);
+  size_t off_ll_rank = epx_cuda_align(off_exp + 4 * El, 256);
+  size_t off_ll_tok = epx_cuda_align(off_ll_rank + 4 * llrows, 256);
+  size_t off_ll_kmask = epx_cuda_align(off_ll_tok + 4 * llrows, 256);
+  size_t off_ll_count = epx_cuda_align(off_ll_kmask + 4 * llrows, 256);
+  size_t off_ll_range = epx_cuda_align(off_ll_count + 4 * El, 256);
+  size_t off_ll_epoch = epx_cuda_align(off_ll_range + 8 * El * R, 256);
+  size_t total = epx_cuda_align(off_ll_epoch + 8, 256);
   char *base = NULL;
+  EpxCudaHandle *hh = (EpxCudaHandle *)calloc(1, sizeof *hh);
+  if (!hh) return epx_error(comm, epxOutOfMemory, "cannot allocate the handle state");
   cudaSetDevice(cc->device);
   cudaError_t e = cudaMalloc((void **)&base, total);
-  if (e != cudaSuccess) return cuda_fail(comm, e, "cudaMalloc (handle)");
-  h->backend_private = base;
+  if (e != cudaSuccess) {
+    free(hh);
+    return cuda_fail(comm, e, "cudaMalloc (handle)");
+  }
+  /* Op word 0 and empty LL tables: a never-dispatched handle sends nothing. */
+  e = cudaMemset(base, 0, total);
+  if (e != cudaSuccess) {
+    cudaFree(base);
+    free(hh);
+    return cuda_fail(comm, e, "cudaMemset (handle)");
+  }
+  hh->dev = base;
+  hh->ll_epoch = (unsigned long long *)(base + off_ll_epoch);
+  h->backend_private = hh;
   h->is_token_in_rank = (uint8_t *)(base + off_itr);
   h->send_row = (int *)(base + off_send);
   h->rank_prefix_matrix = (int *)(base + off_mat);
   h->recv_src_idx = (int *)(base + off_src);
   h->num_recv_per_expert = (int *)(base + off_exp);
+  h->ll_row_src_rank = (int *)(base + off_ll_rank);
+  h->ll_row_src_token = (int *)(base + off_ll_tok);
+  h->ll_row_kmask = (uint32_t *)(base + off_ll_kmask);
+  h->ll_recv_count = (int *)(base + off_ll_count);
+  h->ll_layout_range = (int64_t *)(base + off_ll_range);
   return epxSuccess;
 }
 
 static void cuda_handle_free(epxComm_t comm, epxHandle_t h) {
   EpxCudaComm *cc = cc_of(comm);
+  EpxCudaHandle *hh = (EpxCudaHandle *)h->backend_private;
   if (cc) cudaSetDevice(cc->device);
-  if (h->backend_private) cudaFree(h->backend_private);
+  if (hh) {
+    if (hh->dev) cudaFree(hh->dev);
+    free(hh);
+  }
   h->backend_private = NULL;
   h->is_token_in_rank = NULL;
   h->send_row = NULL;
   h->rank_prefix_matrix = NULL;
   h->recv_src_idx = NULL;
   h->num_recv_per_expert = NULL;
+  h->ll_row_src_rank = NULL;
+  h->ll_row_src_token = NULL;
+  h->ll_row_kmask = NULL;
+  h->ll_recv_count = NULL;
+  h->ll_layout_range = NULL;
 }
 
 /* ---- ops ---- */
@@ -625,34 +761,225 @@ static epxResult_t cuda_combine(epxComm_t comm, const epxCall_t *call, const epx
   return invalid ? epxInvalidArgument : epxSuccess;
 }
 
+/* ---- low-latency mode ---- */
+
+static epxResult_t ll_check(epxComm_t comm, const char *fn) {
+  EpxCudaComm *cc = cc_of(comm);
+  if (!cc->ll_enabled)
+    return epx_error(comm, epxNotSupported, "%s: low-latency mode is off on the CUDA backend: %s",
+                     fn, cc->ll_off_reason ? cc->ll_off_reason : "?");
+  return check_earlier(comm);
+}
+
+/* The slot the next LL op uses; a third send-only phase before the oldest is
+ * received would overwrite it. Limitation: this rank refuses it before taking
+ * part, so its peers' call then times out (the host backend fails it on every
+ * rank through its header exchange). */
+static epxResult_t ll_take_slot(epxComm_t comm, const char *fn, int *slot) {
+  EpxCudaComm *cc = cc_of(comm);
+  int s = (int)((cc->ll_ops + 1) & 1u);
+  if (cc->ll_slot_pending[s])
+    return epx_error(comm, epxInvalidUsage,
+                     "%s: two send-only low-latency phases already await epxLowLatencyRecv; "
+                     "receive the older one first",
+                     fn);
+  ++cc->ll_ops;
+  *slot = s;
+  return epxSuccess;
+}
+
+static epxResult_t ll_launch_failed(epxComm_t comm, cudaError_t e, const char *what) {
+  /* A kernel of the op may be queued: the ranks no longer line up. */
+  epx_set_async_error(comm, epxCudaError);
+  return cuda_fail(comm, e, what);
+}
+
 static epxResult_t cuda_ll_dispatch(epxComm_t comm, const epxCall_t *call,
-                                    const epxLowLatencyDispatchArgs_t *args, epxHandle_t handle,
-                                    const epxLowLatencyDispatchOutputs_t *outputs,
-                                    epxStream_t stream) {
-  (void)call, (void)args, (void)handle, (void)outputs, (void)stream;
-  return epx_error(comm, epxNotSupported,
-                   "epxLowLatencyDispatch: low-latency mode is not built in the CUDA backend yet");
+                                    const epxLowLatencyDispatchArgs_t *a, epxHandle_t h,
+                                    const epxLowLatencyDispatchOutputs_t *o, epxStream_t stream) {
+  EpxCudaComm *cc = cc_of(comm);
+  cudaStream_t st = (cudaStream_t)stream;
+  epxResult_t res = ll_check(comm, "epxLowLatencyDispatch");
+  if (res != epxSuccess) return res;
+  int slot = 0;
+  const int invalid = call->local_invalid;
+  if (!invalid && (res = ll_take_slot(comm, "epxLowLatencyDispatch", &slot)) != epxSuccess)
+    return res;
+  if (invalid) ++cc->ll_ops;
+  EpxLLDispatchSendParams sp;
+  memset(&sp, 0, sizeof sp);
+  sp.ctx = make_ctx(comm);
+  sp.seq = call->seq;
+  sp.invalid = invalid;
+  EpxLLDispatchRecvParams rp;
+  memset(&rp, 0, sizeof rp);
+  rp.ctx = sp.ctx;
+  rp.seq = call->seq;
+  rp.invalid = invalid;
+  rp.epoch_src = &cc->state->ll_epoch; /* the send kernel just advanced it (stream order) */
+  int send_blocks = 1;
+  EpxCudaHandle *hh = NULL;
+  if (!invalid) {
+    hh = (EpxCudaHandle *)h->backend_private;
+    sp.x = a->x;
+    sp.topk_idx = a->topk_idx;
+    sp.topk_is_int64 = a->topk_idx_type == epxInt64;
+    sp.num_tokens = a->num_tokens;
+    sp.hidden = a->hidden;
+    sp.num_topk = a->num_topk;
+    sp.fp8 = a->use_fp8 != 0;
+    sp.round_scale = a->round_scale != 0;
+    sp.ue8m0 = a->use_ue8m0 != 0;
+    sp.handle_epoch = hh->ll_epoch;
+    send_blocks = a->num_tokens < 1 ? 1 : a->num_tokens < cc->ll_blocks ? a->num_tokens : cc->ll_blocks;
+    rp.epoch_src = hh->ll_epoch;
+    rp.hidden = a->hidden;
+    rp.num_topk = a->num_topk;
+    rp.fp8 = sp.fp8;
+    rp.ue8m0 = sp.ue8m0;
+    rp.recv_x = o->recv_x;
+    rp.recv_x_scales = o->recv_x_scales;
+    rp.recv_count = o->recv_count;
+    rp.recv_src_info = o->recv_src_info;
+    rp.recv_layout_range = (long long *)o->recv_layout_range;
+    rp.stats = a->cumulative_local_expert_recv_stats;
+    rp.row_src_rank = h->ll_row_src_rank;
+    rp.row_src_token = h->ll_row_src_token;
+    rp.row_kmask = h->ll_row_kmask;
+    rp.h_recv_count = h->ll_recv_count;
+    rp.h_layout_range = (long long *)h->ll_layout_range;
+  }
+  cudaError_t e = epx_cuda_launch_ll_dispatch_send(&sp, send_blocks, st);
+  if (e != cudaSuccess) return ll_launch_failed(comm, e, "epxLowLatencyDispatch: send kernel launch");
+  if (invalid || !a->return_recv_hook) {
+    e = epx_cuda_launch_ll_dispatch_recv(&rp, cc->ll_blocks, st);
+    if (e != cudaSuccess)
+      return ll_launch_failed(comm, e, "epxLowLatencyDispatch: receive kernel launch");
+  }
+  if (invalid) return epxInvalidArgument; /* the core keeps the validation message */
+  h->state = epxHandleLowLatency;
+  h->num_tokens = a->num_tokens;
+  h->num_topk = a->num_topk;
+  h->hidden = a->hidden;
+  h->topk_is_int64 = sp.topk_is_int64;
+  h->num_recv_tokens = -1; /* on the device only */
+  h->filled_seq = call->seq;
+  if (a->return_recv_hook) {
+    hh->drecv = rp;
+    hh->ll_slot = slot;
+    cc->ll_slot_pending[slot] = 1;
+    h->pending_op = EPX_OP_LL_DISPATCH;
+    h->recv_pending = 1;
+  } else {
+    h->pending_op = EPX_OP_NONE;
+    h->recv_pending = 0;
+  }
+  return epxSuccess;
 }
 
 static epxResult_t cuda_ll_combine(epxComm_t comm, const epxCall_t *call,
-                                   const epxLowLatencyCombineArgs_t *args, epxHandle_t handle,
+                                   const epxLowLatencyCombineArgs_t *a, epxHandle_t h,
                                    void *combined_x, epxStream_t stream) {
-  (void)call, (void)args, (void)handle, (void)combined_x, (void)stream;
-  return epx_error(comm, epxNotSupported,
-                   "epxLowLatencyCombine: low-latency mode is not built in the CUDA backend yet");
+  EpxCudaComm *cc = cc_of(comm);
+  cudaStream_t st = (cudaStream_t)stream;
+  epxResult_t res = ll_check(comm, "epxLowLatencyCombine");
+  if (res != epxSuccess) return res;
+  int slot = 0;
+  const int invalid = call->local_invalid;
+  if (!invalid && (res = ll_take_slot(comm, "epxLowLatencyCombine", &slot)) != epxSuccess)
+    return res;
+  if (invalid) ++cc->ll_ops;
+  EpxLLCombineSendParams sp;
+  memset(&sp, 0, sizeof sp);
+  sp.ctx = make_ctx(comm);
+  sp.seq = call->seq;
+  sp.invalid = invalid;
+  EpxLLCombineRecvParams rp;
+  memset(&rp, 0, sizeof rp);
+  rp.ctx = sp.ctx;
+  rp.seq = call->seq;
+  rp.invalid = invalid;
+  rp.epoch_src = &cc->state->ll_epoch;
+  EpxCudaHandle *hh = NULL;
+  if (!invalid) {
+    hh = (EpxCudaHandle *)h->backend_private;
+    sp.x = a->zero_copy ? comm->ll_combine_buffer : a->x;
+    sp.hidden = a->hidden;
+    sp.num_topk = a->num_topk;
+    sp.row_src_rank = h->ll_row_src_rank;
+    sp.row_src_token = h->ll_row_src_token;
+    sp.row_kmask = h->ll_row_kmask;
+    sp.h_recv_count = h->ll_recv_count;
+    sp.handle_epoch = hh->ll_epoch;
+    rp.epoch_src = hh->ll_epoch;
+    rp.topk_idx = a->topk_idx;
+    rp.topk_is_int64 = a->topk_idx_type == epxInt64;
+    rp.topk_weights = a->topk_weights;
+    rp.num_tokens = a->num_tokens;
+    rp.hidden = a->hidden;
+    rp.num_topk = a->num_topk;
+    rp.combined_x = combined_x;
+  }
+  cudaError_t e = epx_cuda_launch_ll_combine_send(&sp, cc->ll_blocks, st);
+  if (e != cudaSuccess) return ll_launch_failed(comm, e, "epxLowLatencyCombine: send kernel launch");
+  if (invalid || !a->return_recv_hook) {
+    e = epx_cuda_launch_ll_combine_recv(&rp, cc->ll_blocks, st);
+    if (e != cudaSuccess)
+      return ll_launch_failed(comm, e, "epxLowLatencyCombine: receive kernel launch");
+  }
+  if (invalid) return epxInvalidArgument;
+  if (a->return_recv_hook) {
+    hh->crecv = rp;
+    hh->ll_slot = slot;
+    cc->ll_slot_pending[slot] = 1;
+    h->pending_op = EPX_OP_LL_COMBINE;
+    h->recv_pending = 1;
+  }
+  return epxSuccess;
 }
 
-static epxResult_t cuda_ll_recv(epxComm_t comm, epxHandle_t handle, epxStream_t stream) {
-  (void)handle, (void)stream;
-  return epx_error(comm, epxNotSupported,
-                   "epxLowLatencyRecv: low-latency mode is not built in the CUDA backend yet");
+static epxResult_t cuda_ll_recv(epxComm_t comm, epxHandle_t h, epxStream_t stream) {
+  EpxCudaComm *cc = cc_of(comm);
+  EpxCudaHandle *hh = (EpxCudaHandle *)h->backend_private;
+  epxResult_t res = ll_check(comm, "epxLowLatencyRecv");
+  if (res != epxSuccess) return res;
+  cudaError_t e;
+  if (h->pending_op == EPX_OP_LL_DISPATCH) {
+    e = epx_cuda_launch_ll_dispatch_recv(&hh->drecv, cc->ll_blocks, (cudaStream_t)stream);
+  } else if (h->pending_op == EPX_OP_LL_COMBINE) {
+    e = epx_cuda_launch_ll_combine_recv(&hh->crecv, cc->ll_blocks, (cudaStream_t)stream);
+  } else {
+    return epx_error(comm, epxInvalidUsage,
+                     "epxLowLatencyRecv: the handle's pending phase is %s, not a low-latency send",
+                     epx_op_name(h->pending_op));
+  }
+  if (e != cudaSuccess) return ll_launch_failed(comm, e, "epxLowLatencyRecv: kernel launch");
+  cc->ll_slot_pending[hh->ll_slot] = 0;
+  h->recv_pending = 0;
+  h->pending_op = EPX_OP_NONE;
+  return epxSuccess;
 }
 
+/* The zero-copy buffer [E_local, R * llT, H_config] BF16, allocated on the
+ * first request (never on the hot path) and freed at destroy. */
 static epxResult_t cuda_ll_combine_buffer(epxComm_t comm, void **buffer) {
-  (void)buffer;
-  return epx_error(comm, epxNotSupported,
-                   "epxLowLatencyGetCombineBuffer: low-latency mode is not built in the CUDA "
-                   "backend yet");
+  EpxCudaComm *cc = cc_of(comm);
+  if (!cc->ll_enabled)
+    return epx_error(comm, epxNotSupported,
+                     "epxLowLatencyGetCombineBuffer: low-latency mode is off on the CUDA backend: %s",
+                     cc->ll_off_reason ? cc->ll_off_reason : "?");
+  if (!comm->ll_combine_buffer) {
+    size_t bytes = (size_t)comm->num_local_experts *
+                   (size_t)epx_ll_rows_per_expert(comm->nranks, comm->config.ll_max_tokens_per_rank) *
+                   epx_payload_row_bytes(comm->config.hidden, 0);
+    void *p = NULL;
+    cudaSetDevice(cc->device);
+    cudaError_t e = cudaMalloc(&p, bytes ? bytes : 16);
+    if (e != cudaSuccess) return cuda_fail(comm, e, "epxLowLatencyGetCombineBuffer: cudaMalloc");
+    comm->ll_combine_buffer = p;
+  }
+  *buffer = comm->ll_combine_buffer;
+  return epxSuccess;
 }
 
 static epxBackendOps make_ops(void) {

@@ -64,7 +64,9 @@ enum {
   EPX_PHASE_NONE = 0,
   EPX_PHASE_HELLO = 1,   /* waiting for a peer's hello (count exchange) */
   EPX_PHASE_ARRIVAL = 2, /* waiting for a peer's data to arrive */
-  EPX_PHASE_CHECK = 3    /* the headers of this call disagree */
+  EPX_PHASE_CHECK = 3,   /* the headers of this call disagree */
+  EPX_PHASE_LL_SLOT = 4, /* low latency: waiting for a peer to free the buffer slot */
+  EPX_PHASE_LL_SIGNAL = 5 /* low latency: waiting for a peer's messages */
 };
 
 /* Fields compared in the hello (named in mismatch messages). */
@@ -156,6 +158,98 @@ typedef struct EpxErrRecord {
   unsigned long long seq;
 } EpxErrRecord;
 
+/* ---- low-latency region (ll_*.cu) ----
+ *
+ * A second IPC-shared allocation per rank, used only by the low-latency ops.
+ * Protocol of LL op number e (counted on the device in state->ll_epoch, shared
+ * by dispatch and combine, so a replayed graph advances it too):
+ *   send:    every block waits until each destination r has acknowledged op
+ *            e - 2 (ack[r] >= e - 2 in my region): r has finished reading slot
+ *            e % 2, so it may be overwritten. It then writes a header and the
+ *            messages into slot e % 2 of every destination, and the last block
+ *            release-stores sig[me] = e in every destination (one signal per
+ *            source, no grid barrier across ranks).
+ *   receive: every block acquires sig[s] >= e of every source s, checks the
+ *            headers, moves the messages into the caller's outputs, and the
+ *            last block release-stores ack[me] = e in every source.
+ * Dispatch messages: one per (token, destination rank), at [source][token]
+ * of the destination's slot: payload (BF16, or FP8 cast in the send kernel)
+ * | scales | meta (the token's K expert ids and, per id, the token's position
+ * among the source's tokens naming that expert). The header carries, per
+ * local expert of the destination, how many of the source's tokens name it.
+ * So each receiver knows the first row of every (expert, source) block and
+ * the row of every message without any atomic: rows come out in the order
+ * source ascending, token ascending, exactly as the host backend's.
+ * Combine messages: one per (token, top-k slot) naming an expert of the
+ * sender, at [token][k] of the token's source, so the source sums them in k
+ * order (the contract's FP32 order cannot be split by rank and stay exact).
+ *
+ * Memory per rank (T = ll_max_tokens_per_rank = 128, H = 7168, max_topk = 8,
+ * E = 256): a slot is max(R * T * (2H + H/32 + 8K, each 16-aligned),
+ * T * K * 2H) + headers; two slots:
+ *   EP4: 2 * max(4 * 128 * 14624, 128 * 8 * 14336) = 2 * 14.7 MB ~ 29.4 MB
+ *   EP8: 2 * max(8 * 128 * 14624, 14.7 MB)         = 2 * 15.0 MB ~ 30.0 MB
+ * plus, per handle, 12 bytes per receive row (E_local * R * T rows = E * T =
+ * 32768: 384 KB), and the optional zero-copy combine buffer
+ * (E_local * R * T * H * 2 = 470 MB, the size of the caller's own recv_x). */
+typedef struct EpxLLHeader {
+  unsigned long long epoch; /* the op this header belongs to (a check) */
+  unsigned long long seq;
+  int op, flags, hidden, topk;
+  int fp8, ue8m0, num_tokens, pad0;
+  long long bad_id; /* first out-of-range id (EPX_HELLO_BAD_ID) */
+  int bad_token;
+  int pad1;
+  /* int counts[E_local] follow (dispatch: the source's tokens per expert of the destination) */
+} EpxLLHeader;
+
+typedef struct EpxLLLayout {
+  size_t sig_off;        /* [R] u64: sig[s] = last op whose messages from s are complete */
+  size_t ack_off;        /* [R] u64: ack[r] = last op r finished reading (in my slots) */
+  size_t slot_off, slot_stride; /* 2 slots */
+  size_t hdr_stride;     /* per source: EpxLLHeader + counts[E_local] */
+  size_t body_off;       /* inside a slot */
+  size_t msg_stride;     /* dispatch message */
+  size_t msg_scales_off, msg_meta_off;
+  size_t comb_row_stride; /* combine message (one BF16 row) */
+  size_t total;
+} EpxLLLayout;
+
+static inline __host__ __device__ EpxLLLayout epx_cuda_ll_layout(int nranks, int ll_max_tokens,
+                                                                 int hidden, int max_topk,
+                                                                 int num_local_experts) {
+  EpxLLLayout l;
+  size_t R = (size_t)nranks, T = (size_t)ll_max_tokens, K = (size_t)max_topk;
+  l.sig_off = 0;
+  l.ack_off = epx_cuda_align(sizeof(unsigned long long) * R, 128);
+  l.slot_off = epx_cuda_align(l.ack_off + sizeof(unsigned long long) * R, 256);
+  l.hdr_stride = epx_cuda_align(sizeof(EpxLLHeader) + sizeof(int) * (size_t)num_local_experts, 64);
+  l.body_off = epx_cuda_align(l.hdr_stride * R, 256);
+  size_t payload = epx_cuda_align(epx_payload_row_bytes(hidden, 0), EPX_ROW_ALIGN_BYTES);
+  size_t scales = epx_cuda_align(epx_scale_row_bytes(hidden, 1) > epx_scale_row_bytes(hidden, 2)
+                                     ? epx_scale_row_bytes(hidden, 1)
+                                     : epx_scale_row_bytes(hidden, 2),
+                                 EPX_ROW_ALIGN_BYTES);
+  l.msg_scales_off = payload;
+  l.msg_meta_off = payload + scales;
+  l.msg_stride = l.msg_meta_off + epx_cuda_align(2 * sizeof(int) * K, EPX_ROW_ALIGN_BYTES);
+  l.comb_row_stride = payload;
+  size_t dispatch_body = R * T * l.msg_stride, combine_body = T * K * l.comb_row_stride;
+  l.slot_stride = epx_cuda_align(
+      l.body_off + (dispatch_body > combine_body ? dispatch_body : combine_body), 256);
+  l.total = epx_cuda_align(l.slot_off + 2 * l.slot_stride, 4096);
+  return l;
+}
+
+/* Bytes of the dispatch send kernel's per-expert token bitmasks (E x ceil(T/32) words). */
+static inline __host__ __device__ size_t epx_cuda_ll_mask_bytes(int num_experts, int num_tokens) {
+  return sizeof(unsigned int) * (size_t)num_experts * (size_t)((num_tokens + 31) / 32);
+}
+
+/* Block size of the low-latency kernels. */
+#define EPX_LL_THREADS 256
+#define EPX_LL_WARPS (EPX_LL_THREADS / 32)
+
 /* Host-mapped (cudaHostAlloc mapped) words: written by kernels, read by the host
  * after the stream work (or peeked at the next call), and the abort flag the
  * host sets for every spinning kernel to see. */
@@ -174,6 +268,10 @@ typedef struct EpxCudaState {
   int fatal;                /* sticky: a wait failed (timeout, abort); everything stops */
   int err_claim;            /* first error of an op wins the record */
   unsigned int done;        /* last-block counter of the send kernels */
+  /* low-latency mode (ll_*.cu) */
+  unsigned long long ll_epoch; /* low-latency ops begun (dispatch and combine share it) */
+  unsigned int ll_send_done;   /* last-block counter of the LL send kernels */
+  unsigned int ll_recv_done;   /* last-block counter of the LL receive kernels */
 } EpxCudaState;
 
 /* What every kernel needs to know about the communicator. */
@@ -186,6 +284,10 @@ typedef struct EpxDevCtx {
   int rank, nranks, ranks_per_node;
   int num_experts, num_local_experts;
   int max_tokens, max_topk;
+  /* low-latency mode: every rank's LL region (see EpxLLLayout); NULL when off */
+  char *const *ll_peers;
+  EpxLLLayout ll;
+  int ll_max_tokens;
 } EpxDevCtx;
 
 #ifdef __CUDACC__
@@ -329,6 +431,127 @@ static __device__ __forceinline__ int4 epx_ld_nc_v4(const int4 *p) {
   return v;
 }
 
+/* ---- low-latency helpers ---- */
+
+static __device__ __forceinline__ char *epx_ll_slot(const EpxDevCtx &c, char *region,
+                                                   unsigned long long epoch) {
+  return region + c.ll.slot_off + (size_t)(epoch & 1ull) * c.ll.slot_stride;
+}
+static __device__ __forceinline__ EpxLLHeader *epx_ll_hdr(const EpxDevCtx &c, char *slot, int src) {
+  return (EpxLLHeader *)(slot + (size_t)src * c.ll.hdr_stride);
+}
+static __device__ __forceinline__ char *epx_ll_msg(const EpxDevCtx &c, char *slot, int src, int t) {
+  return slot + c.ll.body_off + ((size_t)src * c.ll_max_tokens + (size_t)t) * c.ll.msg_stride;
+}
+static __device__ __forceinline__ char *epx_ll_inbox(const EpxDevCtx &c, char *slot, int t, int k) {
+  return slot + c.ll.body_off + ((size_t)t * c.max_topk + (size_t)k) * c.ll.comb_row_stride;
+}
+static __device__ __forceinline__ unsigned long long *epx_ll_sig(const EpxDevCtx &c, char *region,
+                                                                 int src) {
+  return (unsigned long long *)(region + c.ll.sig_off) + src;
+}
+static __device__ __forceinline__ unsigned long long *epx_ll_ack(const EpxDevCtx &c, char *region,
+                                                                 int dst) {
+  return (unsigned long long *)(region + c.ll.ack_off) + dst;
+}
+
+/* Start of every LL kernel: the sticky fatal flag and the op number. */
+static __device__ __forceinline__ int epx_ll_fatal(const EpxDevCtx &c) {
+  return epx_ld_volatile_i32((volatile int *)&c.state->fatal);
+}
+
+/* Before writing slot epoch % 2 of any destination: thread r waits until r
+ * acknowledged op epoch - 2 (the last op that used the slot). The acquire
+ * pairs with r's release in epx_ll_post_acks, so r's reads of the slot are
+ * ordered before our writes into it. Returns 1 for the whole block when all
+ * destinations freed the slot. */
+static __device__ int epx_ll_wait_slot_free(const EpxDevCtx &c, unsigned long long epoch, int op,
+                                            unsigned long long seq) {
+  __shared__ int s_ok;
+  if (threadIdx.x == 0) s_ok = 1;
+  __syncthreads();
+  if (epoch > 2 && (int)threadIdx.x < c.nranks) {
+    const unsigned long long *ack = epx_ll_ack(c, c.ll_peers[c.rank], threadIdx.x);
+    if (!epx_wait_epoch(c, ack, epoch - 2, op, EPX_PHASE_LL_SLOT, threadIdx.x, seq)) s_ok = 0;
+  }
+  __syncthreads();
+  return s_ok;
+}
+
+/* Last-block pattern shared by the LL kernels: each block orders its global
+ * writes (peer and local) before its increment of *counter by a system fence;
+ * the block that makes the count reach gridDim.x has seen every increment (one
+ * RMW chain) and returns 1 (to every thread of it) after resetting the counter
+ * for the next kernel (stream order). */
+static __device__ int epx_ll_last_block(unsigned int *counter) {
+  __shared__ int s_last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence_system();
+    unsigned int prev = atomicAdd(counter, 1u);
+    s_last = prev == gridDim.x - 1;
+    if (s_last) *counter = 0;
+  }
+  __syncthreads();
+  return s_last;
+}
+
+/* End of an LL send kernel: once every block's messages are written, the last
+ * block's thread r release-stores sig[me] = epoch in destination r. Pairs with
+ * the acquire in epx_ll_wait_signals on r. */
+static __device__ void epx_ll_post_signals(const EpxDevCtx &c, unsigned long long epoch) {
+  if (!epx_ll_last_block(&c.state->ll_send_done)) return;
+  if (threadIdx.x == 0) c.state->ll_epoch = epoch; /* the next LL kernel reads it (stream order) */
+  if ((int)threadIdx.x < c.nranks) {
+    __threadfence_system();
+    epx_st_release_sys(epx_ll_sig(c, c.ll_peers[threadIdx.x], c.rank), epoch);
+  }
+}
+
+/* Start of an LL receive kernel: thread s acquires sig[s] >= epoch (pairs
+ * with the release in epx_ll_post_signals on s); the barrier then orders every
+ * thread's reads of the messages after it. */
+static __device__ int epx_ll_wait_signals(const EpxDevCtx &c, unsigned long long epoch, int op,
+                                          unsigned long long seq) {
+  __shared__ int s_ok;
+  if (threadIdx.x == 0) s_ok = 1;
+  __syncthreads();
+  if ((int)threadIdx.x < c.nranks) {
+    const unsigned long long *sig = epx_ll_sig(c, c.ll_peers[c.rank], threadIdx.x);
+    if (!epx_wait_epoch(c, sig, epoch, op, EPX_PHASE_LL_SIGNAL, threadIdx.x, seq)) s_ok = 0;
+  }
+  __syncthreads();
+  return s_ok;
+}
+
+/* End of an LL receive kernel: once every block has read its messages, the
+ * last block's thread s release-stores ack[me] = epoch in source s. Pairs
+ * with the acquire in epx_ll_wait_slot_free on s. */
+static __device__ void epx_ll_post_acks(const EpxDevCtx &c, unsigned long long epoch) {
+  if (!epx_ll_last_block(&c.state->ll_recv_done)) return;
+  if ((int)threadIdx.x < c.nranks) {
+    __threadfence_system();
+    epx_st_release_sys(epx_ll_ack(c, c.ll_peers[threadIdx.x], c.rank), epoch);
+  }
+}
+
+/* Priority of per-call errors when several sources report one (as the hello). */
+static __device__ __forceinline__ int epx_ll_code_priority(int code) {
+  if (code == epxInvalidArgument) return 3;
+  if (code == epxRemoteError) return 2;
+  if (code == epxMismatch) return 1;
+  return 0;
+}
+
+static __device__ __forceinline__ void epx_ll_unpack_bf16x8(int4 v, float f[8]) {
+  uint32_t w[4] = {(uint32_t)v.x, (uint32_t)v.y, (uint32_t)v.z, (uint32_t)v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    f[2 * i] = epx_bf16_to_f32((uint16_t)(w[i] & 0xffffu));
+    f[2 * i + 1] = epx_bf16_to_f32((uint16_t)(w[i] >> 16));
+  }
+}
+
 #endif /* __CUDACC__ */
 
 /* ---- kernel launches (one file per role) ---- */
@@ -425,5 +648,68 @@ cudaError_t epx_cuda_launch_combine_send(const EpxCombineSendParams *p, int bloc
 cudaError_t epx_cuda_launch_combine_reduce(const EpxCombineReduceParams *p, int blocks,
                                            cudaStream_t stream);
 cudaError_t epx_cuda_launch_layout(const EpxLayoutParams *p, cudaStream_t stream);
+
+/* ---- low-latency launches (ll_*.cu) ---- */
+
+typedef struct EpxLLDispatchSendParams {
+  EpxDevCtx ctx;
+  unsigned long long seq;
+  int invalid;                      /* take part empty: header and signal only */
+  const void *x;                    /* [T, H] BF16 */
+  const void *topk_idx;
+  int topk_is_int64, num_tokens, hidden, num_topk;
+  int fp8, round_scale, ue8m0;
+  unsigned long long *handle_epoch; /* where the op number goes for the receive (or NULL) */
+} EpxLLDispatchSendParams;
+
+typedef struct EpxLLDispatchRecvParams {
+  EpxDevCtx ctx;
+  unsigned long long seq;
+  int invalid;
+  const unsigned long long *epoch_src; /* the op number (handle word or state->ll_epoch) */
+  int hidden, num_topk, fp8, ue8m0;
+  void *recv_x, *recv_x_scales;
+  int *recv_count, *recv_src_info;
+  long long *recv_layout_range;
+  int *stats;
+  /* handle arrays */
+  int *row_src_rank, *row_src_token;
+  uint32_t *row_kmask;
+  int *h_recv_count;
+  long long *h_layout_range;
+} EpxLLDispatchRecvParams;
+
+typedef struct EpxLLCombineSendParams {
+  EpxDevCtx ctx;
+  unsigned long long seq;
+  int invalid;
+  const void *x; /* [E_local, R * llT, H] BF16 expert outputs */
+  int hidden, num_topk;
+  const int *row_src_rank, *row_src_token;
+  const uint32_t *row_kmask;
+  const int *h_recv_count;
+  unsigned long long *handle_epoch;
+} EpxLLCombineSendParams;
+
+typedef struct EpxLLCombineRecvParams {
+  EpxDevCtx ctx;
+  unsigned long long seq;
+  int invalid;
+  const unsigned long long *epoch_src;
+  const void *topk_idx;
+  int topk_is_int64;
+  const float *topk_weights;
+  int num_tokens, hidden, num_topk;
+  void *combined_x;
+} EpxLLCombineRecvParams;
+
+cudaError_t epx_cuda_launch_ll_dispatch_send(const EpxLLDispatchSendParams *p, int blocks,
+                                             cudaStream_t stream);
+cudaError_t epx_cuda_launch_ll_dispatch_recv(const EpxLLDispatchRecvParams *p, int blocks,
+                                             cudaStream_t stream);
+cudaError_t epx_cuda_launch_ll_combine_send(const EpxLLCombineSendParams *p, int blocks,
+                                            cudaStream_t stream);
+cudaError_t epx_cuda_launch_ll_combine_recv(const EpxLLCombineRecvParams *p, int blocks,
+                                            cudaStream_t stream);
 
 #endif /* EPX_CUDA_COMMON_CUH */

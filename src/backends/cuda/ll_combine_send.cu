@@ -1,0 +1,110 @@
+/*
+ * ll_combine_send.cu - low-latency combine, send half: every valid row of my
+ * local experts (the rows the dispatch placed, recorded in the handle) goes
+ * back to its token's source, into slot [token][k] of the source's inbox for
+ * every top-k slot k that named the expert (usually one). The source then
+ * sums the K slots in k order, which keeps the result bit-identical to the
+ * reference (a per-rank partial sum would change the FP32 rounding order).
+ *
+ * Rows are spread over the warps of the grid by a flat index over the valid
+ * rows of all experts (a prefix of the per-expert counts in shared memory), so
+ * the work is balanced whatever the routing.
+ */
+#include "backends/cuda/cuda_common.cuh"
+
+__global__ void __launch_bounds__(EPX_LL_THREADS)
+    epx_ll_combine_send_kernel(EpxLLCombineSendParams p) {
+  extern __shared__ int s_prefix[]; /* [E_local + 1]: exclusive prefix of the valid rows */
+  const EpxDevCtx &c = p.ctx;
+  const int R = c.nranks, El = c.num_local_experts, me = c.rank;
+  const int llT = c.ll_max_tokens;
+  const long long rpe = epx_ll_rows_per_expert(R, llT);
+  __shared__ int s_fatal;
+  __shared__ unsigned long long s_epoch;
+  if (threadIdx.x == 0) {
+    s_fatal = epx_ll_fatal(c);
+    s_epoch = c.state->ll_epoch + 1; /* every block reads it before the last block advances it */
+    if (blockIdx.x == 0 && p.handle_epoch && !s_fatal) *p.handle_epoch = s_epoch;
+    if (!p.invalid) {
+      int acc = 0;
+      for (int j = 0; j < El; ++j) {
+        s_prefix[j] = acc;
+        acc += min(max(p.h_recv_count[j], 0), (int)rpe);
+      }
+      s_prefix[El] = acc;
+    }
+  }
+  __syncthreads();
+  if (s_fatal) return;
+  const unsigned long long epoch = s_epoch;
+  if (!epx_ll_wait_slot_free(c, epoch, EPX_OP_LL_COMBINE, p.seq)) return;
+
+  if (blockIdx.x == 0 && (int)threadIdx.x < R) {
+    const int r = threadIdx.x;
+    EpxLLHeader *h = epx_ll_hdr(c, epx_ll_slot(c, c.ll_peers[r], epoch), me);
+    h->epoch = epoch;
+    h->seq = p.seq;
+    h->op = EPX_OP_LL_COMBINE;
+    h->flags = p.invalid ? EPX_HELLO_INVALID : 0;
+    h->hidden = p.hidden;
+    h->topk = p.num_topk;
+    h->fp8 = 0;
+    h->ue8m0 = 0;
+    h->num_tokens = 0;
+    h->bad_id = 0;
+    h->bad_token = -1;
+  }
+
+  if (!p.invalid) {
+    const int lane = threadIdx.x % 32, K = p.num_topk;
+    const unsigned kvalid = K >= 32 ? 0xffffffffu : (1u << K) - 1u;
+    const int nvec = p.hidden / 8;
+    const size_t xrow = (size_t)p.hidden * 2;
+    const int total = s_prefix[El];
+    const int warps = gridDim.x * EPX_LL_WARPS;
+    for (int i = blockIdx.x * EPX_LL_WARPS + (int)threadIdx.x / 32; i < total; i += warps) {
+      int lo = 0, hi = El - 1; /* the expert e with prefix[e] <= i < prefix[e + 1] */
+      while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (s_prefix[mid] <= i) lo = mid;
+        else hi = mid - 1;
+      }
+      const int e = lo, row = i - s_prefix[e];
+      const size_t at = (size_t)epx_ll_row_index(e, row, R, llT);
+      const int s = p.row_src_rank[at], t = p.row_src_token[at];
+      const unsigned kmask = p.row_kmask[at] & kvalid;
+      if (s < 0 || s >= R || t < 0 || t >= llT) continue; /* a corrupted handle steers no write */
+      char *slot = epx_ll_slot(c, c.ll_peers[s], epoch);
+      const int4 *src = (const int4 *)((const char *)p.x + at * xrow);
+      for (int v0 = 0; v0 < nvec; v0 += 32 * EPX_CUDA_COPY_UNROLL) {
+        int4 buf[EPX_CUDA_COPY_UNROLL];
+#pragma unroll
+        for (int u = 0; u < EPX_CUDA_COPY_UNROLL; ++u) {
+          int v = v0 + u * 32 + lane;
+          if (v < nvec) buf[u] = epx_ld_nc_v4(src + v);
+        }
+        for (unsigned m = kmask; m; m &= m - 1) {
+          int4 *dst = (int4 *)epx_ll_inbox(c, slot, t, __ffs(m) - 1);
+#pragma unroll
+          for (int u = 0; u < EPX_CUDA_COPY_UNROLL; ++u) {
+            int v = v0 + u * 32 + lane;
+            if (v < nvec) dst[v] = buf[u];
+          }
+        }
+      }
+    }
+  }
+  epx_ll_post_signals(c, epoch);
+}
+
+cudaError_t epx_cuda_launch_ll_combine_send(const EpxLLCombineSendParams *p, int blocks,
+                                            cudaStream_t stream) {
+  size_t smem = sizeof(int) * ((size_t)p->ctx.num_local_experts + 1);
+  if (smem > 48 * 1024) {
+    cudaError_t err = cudaFuncSetAttribute(epx_ll_combine_send_kernel,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (err != cudaSuccess) return err;
+  }
+  epx_ll_combine_send_kernel<<<blocks, EPX_LL_THREADS, smem, stream>>>(*p);
+  return cudaGetLastError();
+}

@@ -1,0 +1,223 @@
+/*
+ * ll_dispatch_send.cu - low-latency dispatch, send half: one message per
+ * (token, destination rank), written straight from registers into the
+ * destination's slot (NVLink writes, no staging copy on the sender).
+ *
+ * Every block first builds, in shared memory, one bitmask of tokens per
+ * expert from topk_idx (a token counts once per expert even if it lists it
+ * twice). From it come, without atomics on global memory or any exchange:
+ *   - counts[e]: this rank's tokens naming expert e (sent in the header), and
+ *   - pos(t, e): how many of this rank's tokens before t name e (sent in the
+ *     message meta), so the receiver places the token at
+ *     first_row(e, me) + pos(t, e): sources ascending, tokens ascending.
+ * Each block then takes tokens t = blockIdx.x, + gridDim.x, ...: BF16 rows are
+ * copied 16 bytes a thread; FP8 rows are cast here, a half-warp per 128-channel
+ * group, with the same per-group functions as the host (epx_fp8_group_scale,
+ * epx_fp8_quantize, epx_ue8m0_from_scale), so the bytes are identical.
+ * Ids outside [-1, E) fail the call on every rank (header flag) and steer no write.
+ */
+#include "backends/cuda/cuda_common.cuh"
+
+/* Half-warp lanes covering one 128-channel group: 16 lanes x 8 BF16 values. */
+#define EPX_LL_GROUP_LANES (EPX_FP8_GROUP / 8)
+
+/* pos(t, e) from the bitmask row of expert e: set bits before bit t. */
+static __device__ __forceinline__ int epx_ll_mask_rank(const unsigned int *row, int t) {
+  int n = 0;
+  for (int w = 0; w < t / 32; ++w) n += __popc(row[w]);
+  unsigned int below = (t % 32) ? (row[t / 32] & ((1u << (t % 32)) - 1u)) : 0u;
+  return n + __popc(below);
+}
+
+/* One FP8 token: cast 8 channels a thread and store them in every destination
+ * of dmask. Every thread of the block runs the same number of rounds, so the
+ * half-warp shuffles see their whole group. */
+static __device__ void epx_ll_send_fp8(const EpxLLDispatchSendParams &p, unsigned long long epoch,
+                                       const int4 *src, unsigned long long dmask, int t) {
+  const EpxDevCtx &c = p.ctx;
+  const int nvec = p.hidden / 8; /* a multiple of 16: hidden % 128 == 0 */
+  const int groups = p.hidden / EPX_FP8_GROUP;
+  for (int v0 = 0; v0 < nvec; v0 += blockDim.x) {
+    const int v = v0 + (int)threadIdx.x;
+    const bool active = v < nvec;
+    float f[8];
+    float amax = 0.0f;
+    if (active) {
+      epx_ll_unpack_bf16x8(epx_ld_nc_v4(src + v), f);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        float a = f[i] < 0.0f ? -f[i] : f[i];
+        if (a > amax) amax = a; /* NaN never wins, as in epx_fp8_cast_token */
+      }
+    }
+    /* blockDim.x and nvec are multiples of 16: a half-warp is all active or all not */
+#pragma unroll
+    for (int d = EPX_LL_GROUP_LANES / 2; d >= 1; d /= 2) {
+      float o = __shfl_xor_sync(0xffffffffu, amax, d);
+      if (o > amax) amax = o;
+    }
+    if (!active) continue;
+    const float scale = epx_fp8_group_scale(amax, p.round_scale);
+    uint32_t lo = 0, hi = 0;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      lo |= (uint32_t)epx_fp8_quantize(f[i], scale) << (8 * i);
+      hi |= (uint32_t)epx_fp8_quantize(f[4 + i], scale) << (8 * i);
+    }
+    const int g = v / EPX_LL_GROUP_LANES;
+    const bool group_leader = (v % EPX_LL_GROUP_LANES) == 0;
+    for (unsigned long long m = dmask; m; m &= m - 1) {
+      const int r = __ffsll((long long)m) - 1;
+      char *msg = epx_ll_msg(c, epx_ll_slot(c, c.ll_peers[r], epoch), c.rank, t);
+      ((uint2 *)msg)[v] = make_uint2(lo, hi);
+      if (!group_leader) continue;
+      char *sc = msg + c.ll.msg_scales_off;
+      if (p.ue8m0) {
+        /* group g is byte g % 4 of word g / 4 (little-endian): byte g of the row */
+        ((uint8_t *)sc)[g] = epx_ue8m0_from_scale(scale);
+        if (g == groups - 1)
+          for (int b = groups; b % EPX_UE8M0_PER_WORD; ++b) ((uint8_t *)sc)[b] = 0;
+      } else {
+        ((float *)sc)[g] = scale;
+      }
+    }
+  }
+}
+
+static __device__ void epx_ll_send_bf16(const EpxLLDispatchSendParams &p, unsigned long long epoch,
+                                        const int4 *src, unsigned long long dmask, int t) {
+  const EpxDevCtx &c = p.ctx;
+  const int nvec = p.hidden / 8;
+  for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
+    const int4 val = epx_ld_nc_v4(src + v);
+    for (unsigned long long m = dmask; m; m &= m - 1) {
+      const int r = __ffsll((long long)m) - 1;
+      ((int4 *)epx_ll_msg(c, epx_ll_slot(c, c.ll_peers[r], epoch), c.rank, t))[v] = val;
+    }
+  }
+}
+
+__global__ void __launch_bounds__(EPX_LL_THREADS)
+    epx_ll_dispatch_send_kernel(EpxLLDispatchSendParams p) {
+  extern __shared__ unsigned int s_mask[]; /* [E][W]: bit t of row e = token t names expert e */
+  const EpxDevCtx &c = p.ctx;
+  const int R = c.nranks, El = c.num_local_experts, E = c.num_experts, me = c.rank;
+  __shared__ int s_fatal, s_bad, s_bad_token;
+  __shared__ long long s_bad_id;
+  __shared__ unsigned long long s_epoch, s_dmask;
+  __shared__ int s_id[EPX_MAX_TOPK], s_pos[EPX_MAX_TOPK];
+
+  const int T = p.invalid ? 0 : p.num_tokens;
+  const int K = p.invalid ? 0 : p.num_topk;
+  const int W = (T + 31) / 32;
+  if (threadIdx.x == 0) {
+    s_fatal = epx_ll_fatal(c);
+    s_epoch = c.state->ll_epoch + 1; /* every block reads it before the last block advances it */
+    s_bad = 0;
+    s_bad_id = 0;
+    s_bad_token = -1;
+    if (blockIdx.x == 0 && p.handle_epoch && !s_fatal) *p.handle_epoch = s_epoch;
+  }
+  for (int i = threadIdx.x; i < E * W; i += blockDim.x) s_mask[i] = 0u;
+  __syncthreads();
+  if (s_fatal) return;
+  const unsigned long long epoch = s_epoch;
+
+  /* ---- token bitmasks per expert; id range check ---- */
+  for (int i = threadIdx.x; i < T * K; i += blockDim.x) {
+    const int t = i / K, k = i % K;
+    const long long id = epx_topk_get(p.topk_idx, p.topk_is_int64, t, K, k);
+    if (id < -1 || id >= E) {
+      if (atomicExch(&s_bad, 1) == 0) {
+        s_bad_id = id;
+        s_bad_token = t;
+      }
+    } else if (id >= 0) {
+      atomicOr(&s_mask[(size_t)id * W + t / 32], 1u << (t % 32));
+    }
+  }
+  __syncthreads();
+  const int sending = !p.invalid && !s_bad;
+
+  /* ---- slot e % 2 of every destination must be free (op e - 2 read) ---- */
+  if (!epx_ll_wait_slot_free(c, epoch, EPX_OP_LL_DISPATCH, p.seq)) return;
+
+  /* ---- headers: block 0, thread r -> destination r ---- */
+  if (blockIdx.x == 0 && (int)threadIdx.x < R) {
+    const int r = threadIdx.x;
+    EpxLLHeader *h = epx_ll_hdr(c, epx_ll_slot(c, c.ll_peers[r], epoch), me);
+    h->epoch = epoch;
+    h->seq = p.seq;
+    h->op = EPX_OP_LL_DISPATCH;
+    h->flags = p.invalid ? EPX_HELLO_INVALID : (s_bad ? EPX_HELLO_BAD_ID : 0);
+    h->hidden = p.hidden;
+    h->topk = p.num_topk;
+    h->fp8 = p.fp8;
+    h->ue8m0 = p.ue8m0;
+    h->num_tokens = sending ? T : 0;
+    h->bad_id = s_bad_id;
+    h->bad_token = s_bad_token;
+    int *counts = (int *)(h + 1);
+    for (int j = 0; j < El; ++j) {
+      int n = 0;
+      if (sending) {
+        const unsigned int *row = s_mask + (size_t)(r * El + j) * W;
+        for (int w = 0; w < W; ++w) n += __popc(row[w]);
+      }
+      counts[j] = n;
+    }
+  }
+
+  /* ---- messages ---- */
+  if (sending) {
+    for (int t = blockIdx.x; t < T; t += gridDim.x) {
+      if (threadIdx.x < 32) {
+        const int lane = threadIdx.x;
+        long long id = -1;
+        if (lane < K) id = epx_topk_get(p.topk_idx, p.topk_is_int64, t, K, lane);
+        int dst = id >= 0 ? epx_expert_rank(id, El) : -1;
+        if (lane < K) {
+          s_id[lane] = (int)id;
+          s_pos[lane] = id >= 0 ? epx_ll_mask_rank(s_mask + (size_t)id * W, t) : -1;
+        }
+        /* destinations: lanes cover ranks lane and lane + 32 */
+        unsigned long long m = 0;
+        for (int k = 0; k < K; ++k) {
+          int d = __shfl_sync(0xffffffffu, dst, k);
+          if (d >= 0) m |= 1ull << d;
+        }
+        if (lane == 0) s_dmask = m;
+      }
+      __syncthreads();
+      const unsigned long long dmask = s_dmask;
+      /* meta to every destination (the receiver scans all T tokens of a source) */
+      for (int i = threadIdx.x; i < R * K; i += blockDim.x) {
+        const int r = i / K, k = i % K;
+        int *meta = (int *)(epx_ll_msg(c, epx_ll_slot(c, c.ll_peers[r], epoch), me, t) +
+                            c.ll.msg_meta_off);
+        meta[k] = s_id[k];
+        meta[K + k] = s_pos[k];
+      }
+      const int4 *src = (const int4 *)((const char *)p.x + (size_t)t * p.hidden * 2);
+      if (p.fp8)
+        epx_ll_send_fp8(p, epoch, src, dmask, t);
+      else
+        epx_ll_send_bf16(p, epoch, src, dmask, t);
+      __syncthreads(); /* s_id / s_pos / s_dmask are rewritten for the next token */
+    }
+  }
+  epx_ll_post_signals(c, epoch);
+}
+
+cudaError_t epx_cuda_launch_ll_dispatch_send(const EpxLLDispatchSendParams *p, int blocks,
+                                             cudaStream_t stream) {
+  int T = p->invalid ? 0 : p->num_tokens;
+  size_t smem = epx_cuda_ll_mask_bytes(p->ctx.num_experts, T);
+  if (smem > 48 * 1024) {
+    cudaError_t err = cudaFuncSetAttribute(epx_ll_dispatch_send_kernel,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (err != cudaSuccess) return err;
+  }
+  epx_ll_dispatch_send_kernel<<<blocks, EPX_LL_THREADS, smem, stream>>>(*p);
+  return cudaGetLastError();
+}
