@@ -55,7 +55,18 @@ TEST_COMMON := $(wildcard tests/common/*.c)
 TEST_COMMON_OBJS := $(TEST_COMMON:%.c=$(BUILD)/obj/%.o)
 UNIT_BINS := $(UNIT_SRCS:tests/unit/%.c=$(BUILD)/tests/%)
 MP_BINS := $(MP_SRCS:tests/mp/%.c=$(BUILD)/tests/%)
-BENCH_SRCS := $(wildcard bench/*.c)
+# bench/bench_cuda.c (the GPU path: CUDA events, L2 flush, the NCCL baseline loaded with
+# dlopen) is built with the CUDA backend; BENCH_CFLAGS reach the bench objects only.
+BENCH_SRCS := $(filter-out bench/bench_cuda.c,$(wildcard bench/*.c))
+BENCH_CFLAGS :=
+BENCH_LIBS :=
+ifeq ($(WITH_CUDA),1)
+  BENCH_SRCS += bench/bench_cuda.c
+  BENCH_CUDA_DEFAULT_SMS := $(shell sed -n 's/^\#define EPX_CUDA_DEFAULT_BLOCKS  *\([0-9][0-9]*\).*/\1/p' src/backends/cuda/cuda_common.cuh 2>/dev/null)
+  BENCH_CFLAGS += -I$(CUDA_HOME)/include -DEPX_BENCH_HAVE_CUDA=1 \
+                  $(if $(BENCH_CUDA_DEFAULT_SMS),-DBENCH_CUDA_DEFAULT_SMS=$(BENCH_CUDA_DEFAULT_SMS))
+  BENCH_LIBS += -ldl
+endif
 BENCH_OBJS := $(BENCH_SRCS:%.c=$(BUILD)/obj/%.o)
 BENCH := $(BUILD)/epx-bench
 
@@ -103,11 +114,11 @@ $(BUILD)/obj/tests/common/%.o: tests/common/%.c
 	$(CC) $(CFLAGS) -Itests -MMD -MP -c $< -o $@
 
 $(BENCH): $(BENCH_OBJS) $(AR_LIB) $(REF_LIB) $(TEST_COMMON_OBJS)
-	$(CC) $(CFLAGS) -o $@ $(BENCH_OBJS) $(TEST_COMMON_OBJS) $(REF_LIB) $(AR_LIB) $(LDFLAGS_SAN) $(CUDA_LIBS) $(LDLIBS)
+	$(CC) $(CFLAGS) -o $@ $(BENCH_OBJS) $(TEST_COMMON_OBJS) $(REF_LIB) $(AR_LIB) $(LDFLAGS_SAN) $(CUDA_LIBS) $(BENCH_LIBS) $(LDLIBS)
 
-$(BUILD)/obj/bench/%.o: bench/%.c
+$(BUILD)/obj/bench/%.o: bench/%.c $(FLAGS_STAMP)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -Itests -MMD -MP -c $< -o $@
+	$(CC) $(CFLAGS) $(BENCH_CFLAGS) -Itests -MMD -MP -c $< -o $@
 
 # The public header must compile as C11 and as C++ on its own.
 header-check:

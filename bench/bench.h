@@ -11,12 +11,14 @@
  *  bench_json.c    result records (spec.md §9) and the merge into bench/results/<machine>.json
  *  bench_device.c  which device serves a backend; host views of device buffers
  *  bench_host.c    the host "device": host memory, wall-clock timing, a 64 MiB cache flush
+ *  bench_cuda.c    the CUDA device: device buffers, one stream, CUDA events, a 256 MiB L2
+ *                  flush, and the NCCL all-to-all baseline (NCCL loaded with dlopen); built
+ *                  when the Makefile finds nvcc, which defines EPX_BENCH_HAVE_CUDA
  *
- * A CUDA path adds bench_cuda.c with another benchDevice named "cuda" (device buffers, one
- * stream, CUDA events, an L2 flush, the NCCL all-to-all baseline), compiled with the CUDA
- * include path and EPX_BENCH_HAVE_CUDA defined (a Makefile change); bench_device.c then hands
- * it out for --backend cuda. The baseline also needs its own timed series per op, reported
- * as nccl_time_us_p50 (now always null).
+ * The baseline has its own timed series per op (BENCH_NCCL_*), reported in the dispatch and
+ * combine records as nccl_time_us_p50 (null when the device has no baseline or skips it).
+ * An operation the backend answers with epxNotSupported on every rank gets a "not supported"
+ * row and no record.
  */
 #ifndef EPX_BENCH_H
 #define EPX_BENCH_H
@@ -43,7 +45,9 @@ typedef enum benchSeries {
   BENCH_COMBINE = 3,      /* epxCombine */
   BENCH_LL_DISPATCH = 4,  /* epxLowLatencyDispatch */
   BENCH_LL_COMBINE = 5,   /* epxLowLatencyCombine */
-  BENCH_NUM_SERIES = 6
+  BENCH_NCCL_DISPATCH = 6, /* baseline: the dispatch's rows moved by an NCCL all-to-all */
+  BENCH_NCCL_COMBINE = 7,  /* baseline: the combine's rows (back to their sources) likewise */
+  BENCH_NUM_SERIES = 8
 } benchSeries;
 
 const char *bench_mode_name(benchMode m);   /* "normal", "low_latency" */
@@ -92,10 +96,14 @@ typedef struct benchDevice {
   const char *name;
   epxBackend_t backend;
   int host_addressable; /* buffers are host memory: bench_fetch needs no copy */
-  /* Ranks this device can run by default (GPUs visible; the host: 0 = no preference). */
+  /* Ranks this device can run by default (GPUs visible; the host: 0 = no preference). Called
+   * in the parent: it must not initialise anything a forked rank cannot inherit (CUDA). */
   int (*default_ranks)(void);
   /* Per rank, after fork and before epxCommInitRank: pick the GPU, make the stream, ... */
   int (*rank_setup)(int rank, int nranks);
+  /* SMs the normal-mode kernels use for config.num_sms = `requested` (0 = the backend's
+   * default), or -1 when unknown; called in a rank after rank_setup. NULL: `requested`. */
+  int (*effective_sms)(int requested);
   void (*rank_teardown)(void);
   void *(*alloc)(size_t bytes); /* NULL after printing why */
   void (*free)(void *p);
@@ -108,10 +116,27 @@ typedef struct benchDevice {
   /* Brackets one timed region; stop waits for the work and returns microseconds. */
   void (*timer_start)(void);
   double (*timer_stop_us)(void);
-  /* Time of the baseline moving the same tokens (NCCL all-to-all), or < 0 when the device
-   * has none. Unused on the host. */
-  double (*baseline_us)(void);
+  /* The same by the wall clock, for regions with host synchronisation inside (end to end):
+   * stop waits for the stream first. NULL: timer_start / timer_stop_us. */
+  void (*wall_start)(void);
+  double (*wall_stop_us)(void);
+
+  /* The baseline (NCCL all-to-all of the same rows), all NULL when the device has none. */
+  /* In the parent: NULL when a run of nranks ranks can have the baseline, else why not. */
+  const char *(*baseline_unavailable)(int nranks);
+  /* Rank 0: makes the rendezvous id (BENCH_BASELINE_ID_BYTES) handed to every rank. */
+  int (*baseline_make_id)(void *id);
+  /* Every rank (collective): joins the baseline communicator. */
+  int (*baseline_join)(int rank, int nranks, const void *id);
+  /* Enqueues, on the stream, one all-to-all: to rank r the send_bytes[r] bytes at
+   * send + send_off[r], from rank r recv_bytes[r] bytes into recv + recv_off[r]. */
+  int (*baseline_alltoall)(const void *send, const size_t *send_off, const size_t *send_bytes,
+                           void *recv, const size_t *recv_off, const size_t *recv_bytes);
+  void (*baseline_leave)(void);
 } benchDevice;
+
+/* Bytes of the baseline's rendezvous id (NCCL's ncclUniqueId). */
+#define BENCH_BASELINE_ID_BYTES 128
 
 extern const benchDevice bench_host_device;
 /* The device serving `backend` in this build, or NULL. */
@@ -133,7 +158,8 @@ typedef enum benchVerdict {
   BENCH_NOT_RUN = 0,
   BENCH_UNCHECKED = 1, /* ran; --no-check */
   BENCH_CORRECT = 2,
-  BENCH_WRONG = 3
+  BENCH_WRONG = 3,
+  BENCH_NOT_SUPPORTED = 4 /* the backend answered epxNotSupported */
 } benchVerdict;
 
 typedef struct benchShm benchShm;
@@ -161,7 +187,14 @@ benchVerdict bench_shm_verdict(const benchShm *s, benchDtype d, benchSeries op, 
 /* buffer_bytes reported by rank 0 for a mode (epxGetSizeHints). */
 void bench_shm_set_buffer_bytes(benchShm *s, size_t bytes);
 size_t bench_shm_buffer_bytes(const benchShm *s);
+/* SMs of the normal-mode kernels reported by rank 0 (-1: unknown). */
+void bench_shm_set_sms(benchShm *s, int sms);
+int bench_shm_sms(const benchShm *s);
 int bench_shm_iters(const benchShm *s);
+/* One int per rank, for the ranks to agree on something (e.g. that the baseline joined). */
+int *bench_shm_flags(benchShm *s);
+/* BENCH_BASELINE_ID_BYTES bytes: the baseline's rendezvous id, from rank 0 to the others. */
+void *bench_shm_baseline_id(benchShm *s);
 
 /* ------------------------------------------------------------- one rank */
 
@@ -191,6 +224,10 @@ typedef struct benchRouting {
 
 /* Counts routing of rank `rank` of problem `p`. */
 void bench_count_routing(const epx_test_problem *p, int rank, benchRouting *out);
+/* Per peer, the rows of a dispatch: send_rows[r] = tokens of `rank` with an expert on r,
+ * recv_rows[s] = tokens of s with an expert on `rank` (self included in both). */
+void bench_count_pairs(const epx_test_problem *p, int rank, int64_t *send_rows,
+                       int64_t *recv_rows);
 
 /* Logical and physical bytes of (dtype, series) for one rank (spec.md §8). */
 benchRankBytes bench_series_bytes(benchDtype d, benchSeries s, int hidden, const benchRouting *r);

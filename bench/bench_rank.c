@@ -13,6 +13,17 @@
  * The combines move BF16 whatever the dispatch dtype, so they run in the BF16 pass, on the
  * BF16 dispatch's outputs (identity experts). The layout does not depend on the dtype: it
  * runs in the first pass only and is recorded under that pass's dtype.
+ *
+ * The end-to-end series (layout + notify, which blocks the host, + dispatch) is timed by the
+ * wall clock; the others by the device's timer (CUDA events on the GPU).
+ *
+ * Baseline: where the device has one (NCCL on the GPU), every rank joins it after init and,
+ * after each dispatch and combine series, times an all-to-all that moves the same rows: to
+ * each peer the rows routed there (self included), FP8 rows with their scales; the combine's
+ * goes the other way, BF16.
+ *
+ * An operation the backend answers with epxNotSupported is not timed: its series (and those
+ * that depend on it) get the verdict "not supported", the same on every rank or the job fails.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -24,6 +35,10 @@
 
 /* Barrier wait before a rank gives up on a missing peer (s); larger than any one call. */
 #define BARRIER_TIMEOUT_S 600.0
+/* Returned by a step whose operation the backend does not support (0 = ran, 1 = failed). */
+#define RC_UNSUPPORTED 2
+/* Byte the baseline's buffers are filled with (any nonzero pattern). */
+#define BASELINE_FILL_BYTE 0x3c
 
 typedef struct rankState {
   const benchJob *job;
@@ -50,6 +65,13 @@ typedef struct rankState {
 
   /* the call being timed */
   benchDtype dtype;
+  int unsupported[BENCH_NUM_SERIES]; /* of the current dtype pass */
+  int layout_timed;
+
+  /* the baseline (when joined) */
+  int baseline;
+  void *b_send, *b_recv;
+  int64_t b_send_rows[EPX_TEST_MAX_RANKS], b_recv_rows[EPX_TEST_MAX_RANKS];
 } rankState;
 
 /* ----------------------------------------------------------- plumbing */
@@ -99,6 +121,49 @@ static void fill_scales(rankState *st, void *h) { epx_test_fill_scales_f32(&st->
 
 static void set_verdict(rankState *st, benchSeries s, benchVerdict v) {
   bench_shm_set_verdict(st->shm, st->dtype, s, st->rank, v);
+}
+
+/* Result of one call of an operation: 0 ran, RC_UNSUPPORTED the backend cannot serve it
+ * (noted for series s of this pass), 1 failed. */
+static int op_result(rankState *st, benchSeries s, const char *what, epxResult_t res) {
+  if (res != epxNotSupported) return epx_failed(st, what, res);
+  if (st->rank == 0)
+    fprintf(stderr, "epx-bench: %s %s: not supported by the %s backend: %s\n",
+            bench_dtype_name(st->dtype), what, st->dev->name, epxCommGetLastError(st->comm));
+  st->unsupported[s] = 1;
+  return RC_UNSUPPORTED;
+}
+
+/* Every rank contributes `mine`; all[r] is rank r's. Two barriers, so the slots are free for
+ * the next round when it returns. 0 on success. */
+static int agree_all(rankState *st, int mine, int *all) {
+  int *flags = bench_shm_flags(st->shm);
+  flags[st->rank] = mine;
+  if (bench_barrier(st->shm, BARRIER_TIMEOUT_S)) return 1;
+  for (int r = 0; r < st->nranks; ++r) all[r] = flags[r];
+  return bench_barrier(st->shm, BARRIER_TIMEOUT_S);
+}
+
+/* End of a dtype pass that met an unsupported operation: marks `series` (n of them) not
+ * supported and checks that every rank met the same. 0 when they agree. */
+static int mark_unsupported(rankState *st, const benchSeries *series, int n) {
+  int mine = 0, all[EPX_TEST_MAX_RANKS];
+  for (int i = 0; i < n; ++i) {
+    set_verdict(st, series[i], BENCH_NOT_SUPPORTED);
+    mine |= 1 << series[i];
+  }
+  if (agree_all(st, mine, all)) return 1;
+  for (int r = 0; r < st->nranks; ++r) {
+    if (all[r] != mine) {
+      fprintf(stderr,
+              "epx-bench rank %d: ranks disagree on which operations are supported (mask %#x "
+              "here, %#x on rank %d)\n",
+              st->rank, (unsigned)mine, (unsigned)all[r], r);
+      bench_shm_fail(st->shm);
+      return 1;
+    }
+  }
+  return 0;
 }
 
 /* Records the verdict of a check result (<0: the reference failed, a rank error). */
@@ -235,23 +300,128 @@ static epxResult_t op_ll_combine(rankState *st) {
   return epxLowLatencyCombine(st->comm, &a, st->handle, st->combined_x, st->dev->stream());
 }
 
-/* Warm-up, then timed iterations of one operation, each from a flushed cache and a barrier. */
+/* Warm-up, then timed iterations of one operation, each from a flushed cache and a barrier.
+ * RC_UNSUPPORTED when its first call answers epxNotSupported (only without --check: with it,
+ * the checked iteration has called every operation already). */
 static int time_series(rankState *st, benchSeries s, benchOpFn fn) {
   const benchOptions *o = st->opt;
   double *times = bench_shm_times(st->shm, st->dtype, s, st->rank);
+  const benchDevice *dev = st->dev;
+  int wall = s == BENCH_DISPATCH_E2E && dev->wall_start && dev->wall_stop_us;
   for (int i = 0; i < o->warmup + o->iters; ++i) {
-    st->dev->flush_cache();
+    dev->flush_cache();
     if (bench_barrier(st->shm, BARRIER_TIMEOUT_S)) return 1;
-    st->dev->timer_start();
+    if (wall)
+      dev->wall_start();
+    else
+      dev->timer_start();
     epxResult_t res = fn(st);
-    double us = st->dev->timer_stop_us();
+    double us = wall ? dev->wall_stop_us() : dev->timer_stop_us();
+    if (i == 0 && res == epxNotSupported) return op_result(st, s, bench_series_op(s), res);
     if (epx_failed(st, bench_series_op(s), res)) return 1;
+    if (us < 0.0) { /* the timer failed (it said why) */
+      bench_shm_fail(st->shm);
+      return 1;
+    }
     if (i >= o->warmup) times[i - o->warmup] = us;
   }
   *bench_shm_bytes(st->shm, st->dtype, s, st->rank) =
       bench_series_bytes(st->dtype, s, o->hidden, &st->routing);
   if (!o->check) set_verdict(st, s, BENCH_UNCHECKED);
   return 0;
+}
+
+/* ------------------------------------------------------------ baseline */
+
+/* Joins the device's baseline, if it has one for this run; a baseline that cannot start is
+ * skipped (with the reason), never fatal. Every rank takes the same path. */
+static int baseline_setup(rankState *st) {
+  const benchDevice *dev = st->dev;
+  int all[EPX_TEST_MAX_RANKS];
+  if (!dev->baseline_join || !dev->baseline_make_id || !dev->baseline_alltoall) return 0;
+  /* The answer is the parent's (printed in the header), inherited: the same on every rank. */
+  if (dev->baseline_unavailable && dev->baseline_unavailable(st->nranks)) return 0;
+  void *id = bench_shm_baseline_id(st->shm);
+  int ok = st->rank == 0 ? dev->baseline_make_id(id) == 0 : 1;
+  if (agree_all(st, ok, all)) return 1;
+  if (!all[0]) {
+    if (st->rank == 0) fprintf(stderr, "epx-bench: baseline skipped: no rendezvous id\n");
+    return 0;
+  }
+  ok = dev->baseline_join(st->rank, st->nranks, id) == 0;
+  if (agree_all(st, ok, all)) return 1;
+  for (int r = 0; r < st->nranks; ++r) {
+    if (!all[r]) {
+      if (st->rank == 0)
+        fprintf(stderr, "epx-bench: baseline skipped: rank %d could not join it\n", r);
+      if (ok && dev->baseline_leave) dev->baseline_leave();
+      return 0;
+    }
+  }
+  bench_count_pairs(&st->p, st->rank, st->b_send_rows, st->b_recv_rows);
+  int64_t send = 0, recv = 0;
+  for (int r = 0; r < st->nranks; ++r) {
+    send += st->b_send_rows[r];
+    recv += st->b_recv_rows[r];
+  }
+  /* Dispatch sends `send` rows and receives `recv`; combine the reverse; BF16 rows are the
+   * largest. */
+  size_t rows = (size_t)(send > recv ? send : recv), row = 2 * (size_t)st->opt->hidden;
+  st->b_send = dev_alloc(st, rows * row + 16);
+  st->b_recv = dev_alloc(st, rows * row + 16);
+  if (!st->b_send || !st->b_recv || dev->fill(st->b_send, BASELINE_FILL_BYTE, rows * row) ||
+      dev->fill(st->b_recv, BASELINE_FILL_BYTE, rows * row))
+    return 1;
+  st->baseline = 1;
+  return 0;
+}
+
+static void baseline_teardown(rankState *st) {
+  dev_free(st, &st->b_send);
+  dev_free(st, &st->b_recv);
+  if (st->baseline && st->dev->baseline_leave) st->dev->baseline_leave();
+  st->baseline = 0;
+}
+
+/* Times the all-to-all of series s (BENCH_NCCL_DISPATCH or _COMBINE) with rows of row_bytes,
+ * the same way as the operations. */
+static int time_baseline(rankState *st, benchSeries s, size_t row_bytes) {
+  if (!st->baseline) return 0;
+  const benchOptions *o = st->opt;
+  int R = st->nranks, back = s == BENCH_NCCL_COMBINE;
+  size_t soff[EPX_TEST_MAX_RANKS], sbytes[EPX_TEST_MAX_RANKS];
+  size_t roff[EPX_TEST_MAX_RANKS], rbytes[EPX_TEST_MAX_RANKS];
+  size_t so = 0, ro = 0;
+  for (int r = 0; r < R; ++r) {
+    sbytes[r] = (size_t)(back ? st->b_recv_rows[r] : st->b_send_rows[r]) * row_bytes;
+    rbytes[r] = (size_t)(back ? st->b_send_rows[r] : st->b_recv_rows[r]) * row_bytes;
+    soff[r] = so;
+    roff[r] = ro;
+    so += sbytes[r];
+    ro += rbytes[r];
+  }
+  double *times = bench_shm_times(st->shm, st->dtype, s, st->rank);
+  for (int i = 0; i < o->warmup + o->iters; ++i) {
+    st->dev->flush_cache();
+    if (bench_barrier(st->shm, BARRIER_TIMEOUT_S)) return 1;
+    st->dev->timer_start();
+    int rc = st->dev->baseline_alltoall(st->b_send, soff, sbytes, st->b_recv, roff, rbytes);
+    double us = st->dev->timer_stop_us();
+    if (rc || us < 0.0) {
+      fprintf(stderr, "epx-bench rank %d: the baseline all-to-all failed\n", st->rank);
+      bench_shm_fail(st->shm);
+      return 1;
+    }
+    if (i >= o->warmup) times[i - o->warmup] = us;
+  }
+  set_verdict(st, s, BENCH_UNCHECKED); /* ran; a baseline is timed, not checked */
+  return 0;
+}
+
+/* Bytes of one dispatched row as the baseline moves it: FP8 payload and float32 scales. */
+static size_t baseline_row_bytes(const rankState *st) {
+  size_t H = (size_t)st->opt->hidden;
+  return st->dtype == BENCH_FP8 ? H + (size_t)epx_scale_cols_f32(st->opt->hidden) * 4 : 2 * H;
 }
 
 /* ------------------------------------------------------- normal mode */
@@ -282,9 +452,11 @@ static int normal_alloc(rankState *st) {
   /* N_recv is fixed by the routing: one notify sizes every output. */
   st->dtype = o->dtypes[BENCH_BF16] ? BENCH_BF16 : BENCH_FP8;
   epxDispatchArgs_t a = dispatch_args(st, 0);
-  if (epx_failed(
-          st, "epxDispatchNotify",
-          epxDispatchNotify(st->comm, &a, st->handle, &st->num_recv, NULL, st->dev->stream())))
+  int nrc = op_result(
+      st, BENCH_DISPATCH_E2E, "epxDispatchNotify",
+      epxDispatchNotify(st->comm, &a, st->handle, &st->num_recv, NULL, st->dev->stream()));
+  if (nrc == RC_UNSUPPORTED) return RC_UNSUPPORTED;
+  if (nrc)
     return 1;
   size_t rows = (size_t)st->num_recv + 1;
   st->recv_x = dev_alloc(st, rows * H * 2); /* BF16 size; the FP8 pass reuses it */
@@ -429,19 +601,25 @@ static int normal_checked_iteration(rankState *st, int first_pass) {
   normalCheck c = {NULL, 0, first_pass, combine};
   epxDispatchArgs_t a = dispatch_args(st, 0);
   epxDispatchOutputs_t out = dispatch_outputs(st, 0);
-  if (epx_failed(st, "epxGetDispatchLayout", op_layout(st)) ||
-      epx_failed(st, "epxDispatchNotify",
-                 epxDispatchNotify(st->comm, &a, st->handle, &c.notified, NULL, st->dev->stream())))
-    return 1;
+  int orc = op_result(st, BENCH_LAYOUT, "epxGetDispatchLayout", op_layout(st));
+  if (!orc)
+    orc = op_result(
+        st, BENCH_DISPATCH_E2E, "epxDispatchNotify",
+        epxDispatchNotify(st->comm, &a, st->handle, &c.notified, NULL, st->dev->stream()));
+  if (orc) return orc;
   if (c.notified > st->num_recv) {
     fprintf(stderr, "epx-bench rank %d: N_recv changed from %lld to %lld between two notifies\n",
             st->rank, (long long)st->num_recv, (long long)c.notified);
     bench_shm_fail(st->shm);
     return 1;
   }
-  if (epx_failed(st, "epxDispatch", epxDispatch(st->comm, &a, st->handle, &out, st->dev->stream())))
-    return 1;
-  if (combine && epx_failed(st, "epxCombine", op_combine(st))) return 1;
+  orc = op_result(st, BENCH_DISPATCH_E2E, "epxDispatch",
+                  epxDispatch(st->comm, &a, st->handle, &out, st->dev->stream()));
+  if (orc) return orc;
+  /* A combine the backend cannot serve leaves the dispatch to check and time. */
+  if (combine) orc = op_result(st, BENCH_COMBINE, "epxCombine", op_combine(st));
+  if (orc == 1) return 1;
+  if (orc == RC_UNSUPPORTED) c.combine = 0;
 
   benchWorld world;
   bench_world_build(&world, &st->p, st->dtype);
@@ -449,25 +627,84 @@ static int normal_checked_iteration(rankState *st, int first_pass) {
   int rc = one_at_a_time(st, check_normal_one_rank, &c);
   /* The cached re-dispatch writes the same outputs: check it on its own. */
   if (!rc) rc = poison_dispatch_outputs(st);
-  if (!rc) rc = epx_failed(st, "epxDispatch (cached)", op_dispatch_cached(st));
+  if (!rc) rc = op_result(st, BENCH_DISPATCH, "epxDispatch (cached)", op_dispatch_cached(st));
   if (!rc) rc = one_at_a_time(st, check_cached_one_rank, &c);
   bench_world_free(&world);
   return rc;
 }
 
+/* The timed series of one normal-mode pass; RC_UNSUPPORTED stops it. */
+static int normal_pass(rankState *st, int first) {
+  const benchOptions *o = st->opt;
+  int rc = o->check ? normal_checked_iteration(st, first) : 0;
+  if (!rc && first) rc = time_series(st, BENCH_LAYOUT, op_layout);
+  if (!rc && first) st->layout_timed = 1;
+  if (!rc) rc = time_series(st, BENCH_DISPATCH_E2E, op_dispatch_e2e);
+  if (!rc) rc = time_series(st, BENCH_DISPATCH, op_dispatch_cached);
+  if (!rc) rc = time_baseline(st, BENCH_NCCL_DISPATCH, baseline_row_bytes(st));
+  /* Combine after the BF16 dispatch: its handle and recv_x are the BF16 ones. */
+  int combine = st->dtype == BENCH_BF16 && !st->unsupported[BENCH_COMBINE];
+  if (!rc && combine) rc = time_series(st, BENCH_COMBINE, op_combine);
+  if (!rc && combine) rc = time_baseline(st, BENCH_NCCL_COMBINE, 2 * (size_t)o->hidden);
+  return rc;
+}
+
+/* The rows of a normal-mode pass that met an unsupported operation. Every record of the pass
+ * needs the dispatch (the combine moves its rows back), except the layout. */
+static int normal_unsupported(rankState *st, int first) {
+  benchSeries list[4];
+  int n = 0;
+  if (!st->unsupported[BENCH_LAYOUT] && !st->unsupported[BENCH_DISPATCH_E2E] &&
+      !st->unsupported[BENCH_DISPATCH]) { /* the combine alone; the rest ran */
+    list[n++] = BENCH_COMBINE;
+    return mark_unsupported(st, list, n);
+  }
+  if (first && st->unsupported[BENCH_LAYOUT]) {
+    list[n++] = BENCH_LAYOUT;
+  } else if (first && !st->layout_timed) {
+    /* The layout works on its own: time it. Its check needs the dispatch's outputs, so it
+     * stays unchecked unless the checked iteration got that far. */
+    int rc = time_series(st, BENCH_LAYOUT, op_layout);
+    if (rc == RC_UNSUPPORTED) {
+      list[n++] = BENCH_LAYOUT;
+    } else if (rc) {
+      return 1;
+    } else {
+      st->layout_timed = 1;
+      if (bench_shm_verdict(st->shm, st->dtype, BENCH_LAYOUT, st->rank) == BENCH_NOT_RUN)
+        set_verdict(st, BENCH_LAYOUT, BENCH_UNCHECKED);
+    }
+  }
+  list[n++] = BENCH_DISPATCH;
+  list[n++] = BENCH_DISPATCH_E2E;
+  if (st->dtype == BENCH_BF16) list[n++] = BENCH_COMBINE;
+  return mark_unsupported(st, list, n);
+}
+
 static int run_normal(rankState *st) {
   const benchOptions *o = st->opt;
-  if (normal_alloc(st)) return 1;
+  int rc = normal_alloc(st);
+  if (rc == RC_UNSUPPORTED) { /* the count exchange itself: nothing of this mode runs */
+    for (int d = 0, first = 1; d < BENCH_NUM_DTYPES; ++d) {
+      if (!o->dtypes[d]) continue;
+      st->dtype = (benchDtype)d;
+      if (normal_unsupported(st, first)) return 1;
+      first = 0;
+    }
+    return 0;
+  }
+  if (rc) return 1;
   int first = 1;
   for (int d = 0; d < BENCH_NUM_DTYPES; ++d) {
     if (!o->dtypes[d]) continue;
     st->dtype = (benchDtype)d;
-    if (o->check && normal_checked_iteration(st, first)) return 1;
-    if (first && time_series(st, BENCH_LAYOUT, op_layout)) return 1;
-    if (time_series(st, BENCH_DISPATCH_E2E, op_dispatch_e2e)) return 1;
-    if (time_series(st, BENCH_DISPATCH, op_dispatch_cached)) return 1;
-    /* Combine after the BF16 dispatch: its handle and recv_x are the BF16 ones. */
-    if (st->dtype == BENCH_BF16 && time_series(st, BENCH_COMBINE, op_combine)) return 1;
+    memset(st->unsupported, 0, sizeof(st->unsupported));
+    rc = normal_pass(st, first);
+    if (rc == RC_UNSUPPORTED || (rc == 0 && st->unsupported[BENCH_COMBINE])) {
+      if (normal_unsupported(st, first)) return 1;
+    } else if (rc) {
+      return 1;
+    }
     first = 0;
   }
   return 0;
@@ -513,7 +750,7 @@ static int check_ll_one_rank(rankState *st, void *arg) {
   if (!rc)
     rc = record_check(st, BENCH_LL_DISPATCH,
                       bench_check_ll_dispatch(world, st->rank, st->tokens, fp8, &h), "ll_dispatch");
-  if (!rc && !fp8) {
+  if (!rc && !fp8 && !st->unsupported[BENCH_LL_COMBINE]) {
     const void *cx = view(st, &v, st->combined_x, (size_t)st->tokens * H * 2);
     rc = v.failed;
     if (!rc)
@@ -536,8 +773,11 @@ static int ll_checked_iteration(rankState *st) {
       dev_poison(st, st->ll_count, (size_t)st->E_local * sizeof(int)) ||
       dev_poison(st, st->combined_x, (size_t)st->tokens * H * 2))
     return 1;
-  if (epx_failed(st, "epxLowLatencyDispatch", op_ll_dispatch(st))) return 1;
-  if (combine && epx_failed(st, "epxLowLatencyCombine", op_ll_combine(st))) return 1;
+  int orc = op_result(st, BENCH_LL_DISPATCH, "epxLowLatencyDispatch", op_ll_dispatch(st));
+  if (orc) return orc;
+  /* A combine the backend cannot serve leaves the dispatch to check and time. */
+  if (combine) orc = op_result(st, BENCH_LL_COMBINE, "epxLowLatencyCombine", op_ll_combine(st));
+  if (orc == 1) return 1;
   benchWorld world;
   bench_world_build(&world, &st->p, BENCH_BF16);
   int rc = one_at_a_time(st, check_ll_one_rank, &world);
@@ -551,10 +791,25 @@ static int run_low_latency(rankState *st) {
   for (int d = 0; d < BENCH_NUM_DTYPES; ++d) {
     if (!o->dtypes[d]) continue;
     st->dtype = (benchDtype)d;
-    if (o->check && ll_checked_iteration(st)) return 1;
-    if (time_series(st, BENCH_LL_DISPATCH, op_ll_dispatch)) return 1;
+    memset(st->unsupported, 0, sizeof(st->unsupported));
+    int bf16 = st->dtype == BENCH_BF16;
+    int rc = o->check ? ll_checked_iteration(st) : 0;
+    if (!rc) rc = time_series(st, BENCH_LL_DISPATCH, op_ll_dispatch);
+    if (!rc) rc = time_baseline(st, BENCH_NCCL_DISPATCH, baseline_row_bytes(st));
     /* Combine after the BF16 dispatch: the handle and recv_x are the BF16 ones. */
-    if (st->dtype == BENCH_BF16 && time_series(st, BENCH_LL_COMBINE, op_ll_combine)) return 1;
+    if (!rc && bf16 && !st->unsupported[BENCH_LL_COMBINE])
+      rc = time_series(st, BENCH_LL_COMBINE, op_ll_combine);
+    if (!rc && bf16 && !st->unsupported[BENCH_LL_COMBINE])
+      rc = time_baseline(st, BENCH_NCCL_COMBINE, 2 * (size_t)o->hidden);
+    if (rc == 1) return 1;
+    if (rc == RC_UNSUPPORTED || st->unsupported[BENCH_LL_COMBINE]) {
+      benchSeries list[2];
+      int n = 0;
+      if (st->unsupported[BENCH_LL_DISPATCH]) list[n++] = BENCH_LL_DISPATCH;
+      if (bf16 && (st->unsupported[BENCH_LL_DISPATCH] || st->unsupported[BENCH_LL_COMBINE]))
+        list[n++] = BENCH_LL_COMBINE; /* it needs the dispatch's rows */
+      if (mark_unsupported(st, list, n)) return 1;
+    }
   }
   return 0;
 }
@@ -634,17 +889,37 @@ int bench_rank_main(int rank, int nranks, const epxUniqueId *id, void *arg) {
   epxSizeHints_t hints;
   memset(&hints, 0, sizeof(hints));
   hints.size = sizeof(hints);
-  if (epx_failed(&st, "epxGetSizeHints", epxGetSizeHints(&cfg, nranks, &hints)) ||
-      epx_failed(&st, "epxCommInitRank", epxCommInitRank(&st.comm, nranks, *id, rank, &cfg)) ||
+  if (epx_failed(&st, "epxGetSizeHints", epxGetSizeHints(&cfg, nranks, &hints))) goto done;
+  epxResult_t ires = epxCommInitRank(&st.comm, nranks, *id, rank, &cfg);
+  if (ires == epxNotSupported && job->mode == BENCH_LOW_LATENCY) {
+    /* A backend that cannot set low latency up at all: every row of the mode says so. */
+    if (rank == 0)
+      fprintf(stderr, "epx-bench: low latency: not supported by the %s backend: %s\n",
+              st.dev->name, epxCommGetLastError(NULL));
+    rc = 0;
+    for (int d = 0; d < BENCH_NUM_DTYPES && !rc; ++d) {
+      if (!o->dtypes[d]) continue;
+      st.dtype = (benchDtype)d;
+      benchSeries list[2] = {BENCH_LL_DISPATCH, BENCH_LL_COMBINE};
+      rc = mark_unsupported(&st, list, st.dtype == BENCH_BF16 ? 2 : 1);
+    }
+    goto done;
+  }
+  if (epx_failed(&st, "epxCommInitRank", ires) ||
       epx_failed(&st, "epxHandleCreate", epxHandleCreate(st.comm, &st.handle)))
     goto done;
-  if (rank == 0)
+  if (rank == 0) {
     bench_shm_set_buffer_bytes(
         st.shm, job->mode == BENCH_LOW_LATENCY ? hints.ll_buffer_bytes : hints.comm_buffer_bytes);
+    int sms = st.dev->effective_sms ? st.dev->effective_sms(o->sms) : o->sms;
+    bench_shm_set_sms(st.shm, sms >= 0 ? sms : o->sms);
+  }
   bench_count_routing(&st.p, rank, &st.routing);
+  if (baseline_setup(&st)) goto done;
   rc = job->mode == BENCH_LOW_LATENCY ? run_low_latency(&st) : run_normal(&st);
 done:
   if (rc) bench_shm_fail(st.shm);
+  baseline_teardown(&st);
   rank_free(&st);
   st.dev->rank_teardown();
   return rc;

@@ -22,6 +22,9 @@ struct benchShm {
   atomic_int generation; /* barriers completed */
   atomic_int failed;     /* a rank gave up: nobody waits any more */
   size_t buffer_bytes;
+  int sms;
+  int flags[EPX_TEST_MAX_RANKS];
+  unsigned char baseline_id[BENCH_BASELINE_ID_BYTES];
   int verdict[BENCH_NUM_DTYPES][BENCH_NUM_SERIES][EPX_TEST_MAX_RANKS];
   benchRankBytes bytes[BENCH_NUM_DTYPES][BENCH_NUM_SERIES][EPX_TEST_MAX_RANKS];
   double times[]; /* [dtype][series][rank][iter] */
@@ -62,6 +65,9 @@ void bench_shm_reset(benchShm *s) {
   atomic_store(&s->generation, 0);
   atomic_store(&s->failed, 0);
   s->buffer_bytes = 0;
+  s->sms = 0;
+  memset(s->flags, 0, sizeof(s->flags));
+  memset(s->baseline_id, 0, sizeof(s->baseline_id));
   memset(s->verdict, 0, sizeof(s->verdict));
   memset(s->bytes, 0, sizeof(s->bytes));
   memset(s->times, 0, times_count(s->nranks, s->iters) * sizeof(double));
@@ -126,3 +132,7 @@ benchVerdict bench_shm_verdict(const benchShm *s, benchDtype d, benchSeries op, 
 void bench_shm_set_buffer_bytes(benchShm *s, size_t bytes) { s->buffer_bytes = bytes; }
 size_t bench_shm_buffer_bytes(const benchShm *s) { return s->buffer_bytes; }
 int bench_shm_iters(const benchShm *s) { return s->iters; }
+void bench_shm_set_sms(benchShm *s, int sms) { s->sms = sms; }
+int bench_shm_sms(const benchShm *s) { return s->sms; }
+int *bench_shm_flags(benchShm *s) { return s->flags; }
+void *bench_shm_baseline_id(benchShm *s) { return s->baseline_id; }

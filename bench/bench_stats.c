@@ -64,6 +64,29 @@ void bench_count_routing(const epx_test_problem *p, int rank, benchRouting *out)
   free(topk);
 }
 
+void bench_count_pairs(const epx_test_problem *p, int rank, int64_t *send_rows,
+                       int64_t *recv_rows) {
+  int K = p->num_topk;
+  int E_local = p->num_experts / p->nranks;
+  int64_t *topk =
+      epx_test_xmalloc(sizeof(int64_t) * (size_t)(epx_test_max_tokens(p) + 1) * (size_t)K);
+  for (int r = 0; r < p->nranks; ++r) send_rows[r] = recv_rows[r] = 0;
+  for (int src = 0; src < p->nranks; ++src) {
+    epx_test_fill_topk(p, src, topk, 1);
+    for (int t = 0; t < p->tokens[src]; ++t) {
+      uint64_t dest = 0; /* bit r: the token has an expert on rank r (nranks <= 64) */
+      for (int k = 0; k < K; ++k) {
+        int64_t e = topk[(size_t)t * K + k];
+        if (epx_topk_valid(e)) dest |= 1ull << epx_expert_rank(e, E_local);
+      }
+      if (src == rank)
+        for (int r = 0; r < p->nranks; ++r) send_rows[r] += (int64_t)((dest >> r) & 1u);
+      if ((dest >> rank) & 1u) recv_rows[src]++;
+    }
+  }
+  free(topk);
+}
+
 /* Bytes of one dispatched row: BF16 payload, or FP8 payload plus float32 scales. */
 static double row_bytes(benchDtype d, int hidden) {
   return d == BENCH_FP8 ? (double)hidden + (double)(hidden / EPX_FP8_GROUP) * 4.0
@@ -95,6 +118,8 @@ benchRankBytes bench_series_bytes(benchDtype d, benchSeries s, int hidden, const
       b.physical = (double)r->recv_remote * bf16_row;
       break;
     case BENCH_LAYOUT:
+    case BENCH_NCCL_DISPATCH:
+    case BENCH_NCCL_COMBINE:
     case BENCH_NUM_SERIES: break;
   }
   return b;
@@ -135,6 +160,7 @@ static benchVerdict worst_verdict(const benchShm *s, int nranks, benchDtype d, b
   for (int r = 0; r < nranks; ++r) {
     benchVerdict x = bench_shm_verdict(s, d, op, r);
     if (x == BENCH_NOT_RUN) return BENCH_NOT_RUN;
+    if (x == BENCH_NOT_SUPPORTED) return BENCH_NOT_SUPPORTED;
     if (x == BENCH_WRONG) v = BENCH_WRONG;
     if (x == BENCH_UNCHECKED && v != BENCH_WRONG) v = BENCH_UNCHECKED;
   }
@@ -156,10 +182,15 @@ int bench_summarise(const benchShm *s, const benchOptions *o, benchMode mode, be
   rec->hidden = o->hidden;
   rec->topk = o->topk;
   rec->experts = o->experts;
-  rec->sms = o->sms;
+  rec->sms = mode == BENCH_NORMAL ? bench_shm_sms(s) : o->sms;
   rec->verdict = v;
   rec->nccl_time_us_p50 = -1.0;
   rec->buffer_bytes = series == BENCH_LAYOUT ? 0 : bench_shm_buffer_bytes(s);
+  if (v == BENCH_NOT_SUPPORTED) { /* a row that says so, with no figures */
+    rec->time_us_p50 = rec->time_us_p99 = rec->e2e_us = -1.0;
+    rec->logical_gbps = rec->physical_gbps = -1.0;
+    return 0;
+  }
 
   int slowest = 0;
   series_times(s, nranks, d, series, &rec->time_us_p50, &rec->time_us_p99, &slowest);
@@ -170,6 +201,17 @@ int bench_summarise(const benchShm *s, const benchOptions *o, benchMode mode, be
     series_times(s, nranks, d, BENCH_DISPATCH_E2E, &rec->e2e_us, &e2e_p99, &e2e_slowest);
     benchVerdict ve = worst_verdict(s, nranks, d, BENCH_DISPATCH_E2E);
     if (ve == BENCH_WRONG || (ve == BENCH_UNCHECKED && v == BENCH_CORRECT)) rec->verdict = ve;
+  }
+  benchSeries baseline = BENCH_NUM_SERIES;
+  if (series == BENCH_DISPATCH || series == BENCH_LL_DISPATCH) baseline = BENCH_NCCL_DISPATCH;
+  if (series == BENCH_COMBINE || series == BENCH_LL_COMBINE) baseline = BENCH_NCCL_COMBINE;
+  if (baseline != BENCH_NUM_SERIES) {
+    benchVerdict vb = worst_verdict(s, nranks, d, baseline);
+    if (vb == BENCH_UNCHECKED || vb == BENCH_CORRECT) {
+      double b99;
+      int bslow;
+      series_times(s, nranks, d, baseline, &rec->nccl_time_us_p50, &b99, &bslow);
+    }
   }
   if (series == BENCH_LAYOUT) {
     rec->logical_gbps = rec->physical_gbps = -1.0;

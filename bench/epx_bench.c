@@ -258,8 +258,8 @@ static int resolve(benchOptions *o, const benchDevice **dev) {
   *dev = bench_device_for(o->backend);
   if (!*dev) {
     fprintf(stderr,
-            "epx-bench: --backend cuda: this epx-bench has no CUDA benchmark path yet "
-            "(bench/bench_cuda.c is not written); use --backend host\n");
+            "epx-bench: --backend cuda: this epx-bench was built without its CUDA path "
+            "(no nvcc at build time); use --backend host\n");
     return 1;
   }
   if (o->nranks == 0) o->nranks = (*dev)->default_ranks();
@@ -289,6 +289,7 @@ static const char *verdict_word(benchVerdict v) {
     case BENCH_CORRECT: return "ok";
     case BENCH_WRONG: return "WRONG";
     case BENCH_UNCHECKED: return "unchecked";
+    case BENCH_NOT_SUPPORTED: return "not supported";
     default: return "-";
   }
 }
@@ -311,7 +312,13 @@ static void print_header(const benchOptions *o, const benchDevice *dev, const be
       " low latency: selections x message); physical = bytes sent to other ranks\n");
   printf(
       "# dispatch time = cached re-dispatch (data movement); e2e = layout + notify + "
-      "dispatch\n");
+      "dispatch (wall clock)\n");
+  const char *why = dev->baseline_unavailable ? dev->baseline_unavailable(o->nranks)
+                                              : "this device has no baseline";
+  if (why)
+    printf("# nccl baseline: skipped (%s)\n", why);
+  else
+    printf("# nccl baseline: ncclSend/ncclRecv all-to-all of the same rows, timed the same way\n");
   printf("%-11s %-8s %-5s %5s %6s %6s %4s %7s %10s %10s %9s %9s %10s %9s %10s %-9s\n", "mode", "op",
          "dtype", "ranks", "tokens", "hidden", "topk", "experts", "p50_us", "p99_us", "log_GB/s",
          "phys_GB/s", "e2e_us", "nccl_us", "buf_MiB", "check");
@@ -320,6 +327,14 @@ static void print_header(const benchOptions *o, const benchDevice *dev, const be
 
 static void print_row(const benchRecord *r) {
   char logical[32], physical[32], nccl[32];
+  if (r->verdict == BENCH_NOT_SUPPORTED) {
+    printf("%-11s %-8s %-5s %5d %6d %6d %4d %7d %10s %10s %9s %9s %10s %9s %10s %-9s\n",
+           bench_mode_name(r->mode), bench_series_op(r->series), bench_dtype_name(r->dtype),
+           r->ranks, r->tokens, r->hidden, r->topk, r->experts, "-", "-", "-", "-", "-", "-", "-",
+           "not supported");
+    fflush(stdout);
+    return;
+  }
   if (r->logical_gbps < 0)
     snprintf(logical, sizeof(logical), "-");
   else
@@ -391,14 +406,24 @@ int main(int argc, char **argv) {
   }
   bench_shm_destroy(shm);
 
-  int wrong = 0;
-  for (int i = 0; i < nrec; ++i) wrong |= recs[i].verdict == BENCH_WRONG;
+  int wrong = 0, nkeep = 0, unsupported = 0;
+  for (int i = 0; i < nrec; ++i) {
+    wrong |= recs[i].verdict == BENCH_WRONG;
+    /* An operation the backend does not serve has a row, not a record: it measured nothing. */
+    if (recs[i].verdict == BENCH_NOT_SUPPORTED)
+      ++unsupported;
+    else
+      recs[nkeep++] = recs[i];
+  }
   if (wrong) fprintf(stderr, "epx-bench: some outputs differ from the reference (check column)\n");
-  if (o.json_path && nrec > 0) {
-    if (bench_json_merge(o.json_path, recs, nrec, &info) != 0) {
+  if (unsupported)
+    printf("# %d operations not supported by the %s backend: no records for them\n", unsupported,
+           dev->name);
+  if (o.json_path && nkeep > 0) {
+    if (bench_json_merge(o.json_path, recs, nkeep, &info) != 0) {
       failed = 1;
     } else {
-      printf("# %d records merged into %s\n", nrec, o.json_path);
+      printf("# %d records merged into %s\n", nkeep, o.json_path);
     }
   }
   return failed || wrong ? 1 : 0;

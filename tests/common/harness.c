@@ -636,3 +636,48 @@ void *epx_test_xaligned(size_t bytes) {
   }
   return p;
 }
+
+/* ---- exec mode ---- */
+
+int epx_test_exec_rank(int rank, int nranks, const epxUniqueId *id, void *case_name) {
+  char hex[2 * EPX_UNIQUE_ID_BYTES + 1], r[16], n[16], self[4096];
+  for (int i = 0; i < EPX_UNIQUE_ID_BYTES; ++i)
+    snprintf(hex + 2 * i, 3, "%02x", (unsigned char)id->internal[i]);
+  snprintf(r, sizeof r, "%d", rank);
+  snprintf(n, sizeof n, "%d", nranks);
+  /* The wrapper's /proc/self/exe would be the wrapper: pass the real path. */
+  ssize_t len = readlink("/proc/self/exe", self, sizeof self - 1);
+  if (len <= 0) {
+    perror("readlink /proc/self/exe");
+    return 1;
+  }
+  self[len] = '\0';
+  const char *wrapper = getenv("EPX_TEST_RANK_WRAPPER");
+  if (wrapper && *wrapper) {
+    setenv("EPX_TEST_RANK", r, 1);
+    char *args[] = {(char *)wrapper, self, "--rank-exec", (char *)case_name, r, n, hex, NULL};
+    execv(wrapper, args);
+    perror("execv EPX_TEST_RANK_WRAPPER");
+    return 1;
+  }
+  char *args[] = {self, "--rank-exec", (char *)case_name, r, n, hex, NULL};
+  execv(self, args);
+  perror("execv self");
+  return 1;
+}
+
+int epx_test_parse_rank_exec(int argc, char **argv, const char **case_name, int *rank,
+                             int *nranks, epxUniqueId *id) {
+  if (argc != 6 || strcmp(argv[1], "--rank-exec") != 0) return 1;
+  const char *hex = argv[5];
+  if (strlen(hex) != 2 * EPX_UNIQUE_ID_BYTES) return 1;
+  for (int i = 0; i < EPX_UNIQUE_ID_BYTES; ++i) {
+    unsigned v;
+    if (sscanf(hex + 2 * i, "%2x", &v) != 1) return 1;
+    id->internal[i] = (char)v;
+  }
+  *case_name = argv[2];
+  *rank = atoi(argv[3]);
+  *nranks = atoi(argv[4]);
+  return 0;
+}

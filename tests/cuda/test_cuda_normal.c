@@ -660,33 +660,15 @@ static const ncase cases[] = {
  * but not a bare fork (compute-sanitizer --target-processes all) see every
  * rank's kernels. ---- */
 
-static int exec_rank(int rank, int nranks, const epxUniqueId *id, void *arg) {
-  char hex[2 * EPX_UNIQUE_ID_BYTES + 1], r[16], n[16];
-  for (int i = 0; i < EPX_UNIQUE_ID_BYTES; ++i)
-    snprintf(hex + 2 * i, 3, "%02x", (unsigned char)id->internal[i]);
-  snprintf(r, sizeof r, "%d", rank);
-  snprintf(n, sizeof n, "%d", nranks);
-  char *args[] = {"/proc/self/exe", "--rank-exec", (char *)arg, r, n, hex, NULL};
-  execv("/proc/self/exe", args);
-  perror("execv /proc/self/exe");
-  return 1;
-}
-
 static int rank_exec_main(int argc, char **argv) {
-  if (argc != 6) return 2;
   epxUniqueId id;
-  const char *hex = argv[5];
-  if (strlen(hex) != 2 * EPX_UNIQUE_ID_BYTES) return 2;
-  for (int i = 0; i < EPX_UNIQUE_ID_BYTES; ++i) {
-    unsigned v;
-    if (sscanf(hex + 2 * i, "%2x", &v) != 1) return 2;
-    id.internal[i] = (char)v;
-  }
-  int rank = atoi(argv[3]), nranks = atoi(argv[4]);
+  const char *name;
+  int rank, nranks;
+  if (epx_test_parse_rank_exec(argc, argv, &name, &rank, &nranks, &id) != 0) return 2;
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; ++i)
-    if (strcmp(cases[i].name, argv[2]) == 0) return run_rank(rank, nranks, &id, (void *)&cases[i]);
+    if (strcmp(cases[i].name, name) == 0) return run_rank(rank, nranks, &id, (void *)&cases[i]);
   for (size_t i = 0; i < sizeof fault_cases / sizeof fault_cases[0]; ++i)
-    if (strcmp(fault_cases[i].name, argv[2]) == 0)
+    if (strcmp(fault_cases[i].name, name) == 0)
       return run_fault(rank, nranks, &id, (void *)&fault_cases[i]);
   return 2;
 }
@@ -704,7 +686,7 @@ int main(int argc, char **argv) {
       if (!want) continue;
     }
     double t0 = epx_test_now();
-    int rc = use_exec ? epx_test_spawn(c->R, exec_rank, (void *)c->name, SPAWN_TIMEOUT_S)
+    int rc = use_exec ? epx_test_spawn(c->R, epx_test_exec_rank, (void *)c->name, SPAWN_TIMEOUT_S)
                       : epx_test_spawn(c->R, run_rank, (void *)c, SPAWN_TIMEOUT_S);
     if (rc != 0) {
       printf("FAIL %s seed=%" PRIu64 "\n", c->name, c->seed);
@@ -723,7 +705,7 @@ int main(int argc, char **argv) {
       if (!want) continue;
     }
     double t0 = epx_test_now();
-    int rc = use_exec ? epx_test_spawn(2, exec_rank, (void *)f->name, 60)
+    int rc = use_exec ? epx_test_spawn(2, epx_test_exec_rank, (void *)f->name, 60)
                       : epx_test_spawn(2, run_fault, (void *)f, 60);
     if (rc != 0) {
       printf("FAIL %s\n", f->name);
