@@ -31,6 +31,13 @@ static const char *const config_keys[] = {"mode",   "op",     "dtype", "ranks", 
 
 static void read_commit(char *out, size_t cap) {
   snprintf(out, cap, "unknown");
+  /* A copy of the tree without .git (the GPU machine gets one) names its
+   * commit through EPX_COMMIT. */
+  const char *env = getenv("EPX_COMMIT");
+  if (env && *env) {
+    snprintf(out, cap, "%s", env);
+    return;
+  }
   FILE *f = popen("git rev-parse --short HEAD 2>/dev/null", "r");
   if (!f) return;
   char line[64] = {0};
