@@ -48,6 +48,8 @@ int epx_test_spawn_with_id(int nranks, epx_test_rank_fn fn, void *arg, int timeo
  * *helper_pid receives the helper's pid; end it with epx_test_unique_id_release
  * once the ranks have initialised. Returns 0 on success. */
 int epx_test_unique_id(epxUniqueId *id, int *helper_pid);
+void epx_test_unique_id_release(int helper_pid);
+
 /* ---- exec mode ----
  * A rank function that re-executes the test binary as
  * "<self> --rank-exec CASE RANK NRANKS ID-HEX" (arg is the case name), so
@@ -59,8 +61,6 @@ int epx_test_exec_rank(int rank, int nranks, const epxUniqueId *id, void *case_n
 /* Parses the arguments made by epx_test_exec_rank; 0 on success. */
 int epx_test_parse_rank_exec(int argc, char **argv, const char **case_name, int *rank,
                              int *nranks, epxUniqueId *id);
-
-void epx_test_unique_id_release(int helper_pid);
 
 /* Seconds of CLOCK_MONOTONIC. */
 double epx_test_now(void);
