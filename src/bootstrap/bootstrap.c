@@ -76,3 +76,28 @@ void epx_bootstrap_destroy(epxBootstrap *b) {
   if (b->fd >= 0) close(b->fd);
   free(b);
 }
+
+epxResult_t epx_bootstrap_new(int kind, int rank, int nranks, epxBootstrap **out, char *err,
+                              size_t errlen) {
+  if (!out) {
+    snprintf(err, errlen, "bootstrap output pointer is NULL");
+    return epxInvalidArgument;
+  }
+  *out = NULL;
+  if (nranks < 1 || nranks > EPX_BOOTSTRAP_MAX_RANKS || rank < 0 || rank >= nranks) {
+    snprintf(err, errlen, "rank %d of nranks %d is out of range (nranks must be 1..%d)", rank,
+             nranks, EPX_BOOTSTRAP_MAX_RANKS);
+    return epxInvalidArgument;
+  }
+  epxBootstrap *b = (epxBootstrap *)calloc(1, sizeof(*b));
+  if (!b) {
+    snprintf(err, errlen, "out of memory for the bootstrap");
+    return epxOutOfMemory;
+  }
+  b->kind = kind;
+  b->rank = rank;
+  b->nranks = nranks;
+  b->fd = -1;
+  *out = b;
+  return epxSuccess;
+}

@@ -37,6 +37,19 @@ struct epxBootstrap {
   void *user;
 };
 
+/* Callers may pass no error buffer; messages then go to a one-byte scratch. */
+#define EPX_FIX_ERRBUF(err, errlen) \
+  char fixerr_[1];                  \
+  if (!(err) || (errlen) == 0) {    \
+    (err) = fixerr_;                \
+    (errlen) = sizeof(fixerr_);     \
+  }
+
+/* Checks the rank range and allocates a bootstrap of `kind` with the fields
+ * both implementations share; *out is NULL on failure. */
+epxResult_t epx_bootstrap_new(int kind, int rank, int nranks, epxBootstrap **out, char *err,
+                              size_t errlen);
+
 epxResult_t epx_bootstrap_tcp_allgather(epxBootstrap *b, const void *send, void *recv, size_t bytes,
                                         char *err, size_t errlen);
 epxResult_t epx_bootstrap_callback_allgather(epxBootstrap *b, const void *send, void *recv,

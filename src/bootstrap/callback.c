@@ -10,34 +10,15 @@
 
 epxResult_t epx_bootstrap_callback_create(epxAllGatherFn fn, void *user, int rank, int nranks,
                                           epxBootstrap **out, char *err, size_t errlen) {
-  char fixerr[1];
-  if (!err || errlen == 0) {
-    err = fixerr;
-    errlen = sizeof(fixerr);
-  }
-  if (!out) {
-    snprintf(err, errlen, "bootstrap output pointer is NULL");
+  EPX_FIX_ERRBUF(err, errlen);
+  if (out) *out = NULL;
+  if (!out || !fn) {
+    snprintf(err, errlen, "%s is NULL", out ? "allgather callback" : "bootstrap output pointer");
     return epxInvalidArgument;
   }
-  *out = NULL;
-  if (!fn) {
-    snprintf(err, errlen, "allgather callback is NULL");
-    return epxInvalidArgument;
-  }
-  if (nranks < 1 || nranks > EPX_BOOTSTRAP_MAX_RANKS || rank < 0 || rank >= nranks) {
-    snprintf(err, errlen, "rank %d of nranks %d is out of range (nranks must be 1..%d)", rank,
-             nranks, EPX_BOOTSTRAP_MAX_RANKS);
-    return epxInvalidArgument;
-  }
-  epxBootstrap *b = (epxBootstrap *)calloc(1, sizeof(*b));
-  if (!b) {
-    snprintf(err, errlen, "out of memory for the bootstrap");
-    return epxOutOfMemory;
-  }
-  b->kind = EPX_BOOTSTRAP_CALLBACK;
-  b->rank = rank;
-  b->nranks = nranks;
-  b->fd = -1;
+  epxBootstrap *b = NULL;
+  epxResult_t created = epx_bootstrap_new(EPX_BOOTSTRAP_CALLBACK, rank, nranks, &b, err, errlen);
+  if (created != epxSuccess) return created;
   b->fn = fn;
   b->user = user;
   *out = b;

@@ -31,12 +31,6 @@
 #define NS_PER_MS 1000000LL
 
 /* Writes somewhere even when the caller passed no message buffer. */
-#define EPX_FIX_ERRBUF(err, errlen) \
-  char fixerr_[1];                  \
-  if (!(err) || (errlen) == 0) {    \
-    (err) = fixerr_;                \
-    (errlen) = sizeof(fixerr_);     \
-  }
 
 epxResult_t epx_bootstrap_get_unique_id(epxUniqueId *id, int64_t deadline_ms, char *err,
                                         size_t errlen) {
@@ -252,29 +246,14 @@ epxResult_t epx_bootstrap_tcp_create(const epxUniqueId *id, int rank, int nranks
                                      int64_t deadline_ns, epxBootstrap **out, char *err,
                                      size_t errlen) {
   EPX_FIX_ERRBUF(err, errlen);
-  if (!out) {
-    snprintf(err, errlen, "bootstrap output pointer is NULL");
+  if (out) *out = NULL;
+  if (!out || !id) {
+    snprintf(err, errlen, "%s is NULL", out ? "unique_id" : "bootstrap output pointer");
     return epxInvalidArgument;
   }
-  *out = NULL;
-  if (!id) {
-    snprintf(err, errlen, "unique_id is NULL");
-    return epxInvalidArgument;
-  }
-  if (nranks < 1 || nranks > EPX_BOOTSTRAP_MAX_RANKS || rank < 0 || rank >= nranks) {
-    snprintf(err, errlen, "rank %d of nranks %d is out of range (nranks must be 1..%d)", rank,
-             nranks, EPX_BOOTSTRAP_MAX_RANKS);
-    return epxInvalidArgument;
-  }
-  epxBootstrap *b = (epxBootstrap *)calloc(1, sizeof(*b));
-  if (!b) {
-    snprintf(err, errlen, "out of memory for the bootstrap");
-    return epxOutOfMemory;
-  }
-  b->kind = EPX_BOOTSTRAP_TCP;
-  b->rank = rank;
-  b->nranks = nranks;
-  b->fd = -1;
+  epxBootstrap *b = NULL;
+  epxResult_t created = epx_bootstrap_new(EPX_BOOTSTRAP_TCP, rank, nranks, &b, err, errlen);
+  if (created != epxSuccess) return created;
   b->deadline_ns = deadline_ns;
   uint8_t secret[EPX_BS_SECRET_BYTES];
   epxResult_t res;
