@@ -20,7 +20,8 @@
  *
  * Errors
  *   Every call returns an epxResult_t. On failure nothing the caller owns is
- *   modified, a message naming the argument or peer is kept for
+ *   modified (after epxTimeout, epxPeerFailed or epxAborted, outputs of the
+ *   failed call are undefined), a message naming the argument or peer is kept for
  *   epxCommGetLastError(), and the communicator stays usable unless the result is
  *   epxTimeout, epxPeerFailed or epxAborted (then only epxCommDestroy is valid).
  *   A collective call whose arguments are invalid on one rank still takes part in

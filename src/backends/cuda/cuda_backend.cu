@@ -693,6 +693,14 @@ static epxResult_t cuda_dispatch(epxComm_t comm, const epxCall_t *call,
     rp.recv_rank_prefix = o->recv_rank_prefix;
     rp.num_recv_tokens_per_expert = o->num_recv_tokens_per_expert;
     rp.num_recv_tokens = o->num_recv_tokens;
+    sp.capacity_rows = rp.capacity_rows;
+    sp.rank_prefix_matrix = rp.rank_prefix_matrix;
+    sp.handle_recv_src_idx = rp.handle_recv_src_idx;
+    sp.recv_x = rp.recv_x;
+    sp.recv_x_scales = rp.recv_x_scales;
+    sp.recv_topk_idx = rp.recv_topk_idx;
+    sp.recv_topk_weights = rp.recv_topk_weights;
+    sp.recv_src_idx = rp.recv_src_idx;
   }
   cudaError_t e = epx_cuda_launch_hello(&hp, s);
   if (e == cudaSuccess) e = epx_cuda_launch_dispatch_send(&sp, cc->blocks, s);
@@ -746,6 +754,9 @@ static epxResult_t cuda_combine(epxComm_t comm, const epxCall_t *call, const epx
     rp.num_tokens = h->num_tokens;
     rp.has_weights = a->topk_weights != NULL;
     rp.is_token_in_rank = h->is_token_in_rank;
+    rp.send_row = h->send_row;
+    rp.x = a->x;
+    rp.topk_weights = a->topk_weights;
     rp.bias0 = a->bias[0];
     rp.bias1 = a->bias[1];
     rp.combined_x = o->combined_x;

@@ -581,6 +581,15 @@ typedef struct EpxDispatchSendParams {
   int topk_is_int64, num_tokens, num_topk;
   int payload_bytes, scale_bytes;
   const int *send_row; /* handle: [T, R] final row on r or -1 */
+  /* Rows for this rank itself go straight into the caller's outputs (no
+   * staging, no copy-out) when N_recv fits the capacity; the receive kernel
+   * then copies only the peers' rows. */
+  long long capacity_rows;
+  const int *rank_prefix_matrix; /* handle */
+  int *handle_recv_src_idx;      /* handle */
+  void *recv_x, *recv_x_scales, *recv_topk_idx;
+  float *recv_topk_weights;
+  int *recv_src_idx;
 } EpxDispatchSendParams;
 
 typedef struct EpxDispatchRecvParams {
@@ -608,6 +617,8 @@ typedef struct EpxCombineSendParams {
   const int *rank_prefix_matrix; /* handle */
   const int *recv_src_idx;       /* handle */
 } EpxCombineSendParams;
+/* The send kernel pushes only rows of remote sources: the reduce reads this
+ * rank's own rows straight from x (row send_row[t][me]), so they are never copied. */
 
 typedef struct EpxCombineReduceParams {
   EpxDevCtx ctx;
@@ -615,6 +626,9 @@ typedef struct EpxCombineReduceParams {
   int invalid;
   int hidden, num_topk, num_tokens, has_weights;
   const uint8_t *is_token_in_rank; /* handle */
+  const int *send_row;             /* handle: [T, R]; column me = my token's row in x */
+  const void *x;                   /* this rank's combine input (expert side) */
+  const float *topk_weights;       /* this rank's input weights [N_recv, num_topk] or NULL */
   const void *bias0, *bias1;
   void *combined_x;
   float *combined_topk_weights;

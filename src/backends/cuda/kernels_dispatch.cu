@@ -14,6 +14,8 @@
 #include "backends/cuda/cuda_common.cuh"
 
 #define EPX_WARPS_PER_BLOCK (EPX_CUDA_DATA_THREADS / 32)
+/* Copy-out (HBM to HBM): more vectors per lane in flight than the NVLink send. */
+#define EPX_RECV_UNROLL 8
 
 /* Runs fn(r, row) for every destination of a token, in rank order; masks and
  * rows are per-lane values for ranks lane and lane + 32 (warp-uniform loop). */
@@ -32,7 +34,16 @@ static __device__ __forceinline__ void epx_for_each_dest(unsigned mask_lo, unsig
   }
 }
 
-static __device__ void epx_dispatch_send_token(const EpxDispatchSendParams &p, int t) {
+/* Destination of rank r's copy: my own rows go to the caller's recv_x when
+ * `direct`, every other row to its final row in r's region. */
+static __device__ __forceinline__ int4 *epx_dispatch_dst(const EpxDispatchSendParams &p, int r, int row,
+                                                         bool direct) {
+  const EpxDevCtx &c = p.ctx;
+  if (direct && r == c.rank) return (int4 *)((char *)p.recv_x + (size_t)row * p.payload_bytes);
+  return (int4 *)(c.peers[r] + c.lay.payload_off + (size_t)row * c.lay.payload_stride);
+}
+
+static __device__ void epx_dispatch_send_token(const EpxDispatchSendParams &p, int t, bool direct) {
   const EpxDevCtx &c = p.ctx;
   const EpxRegionLayout &L = c.lay;
   const int R = c.nranks, lane = threadIdx.x % 32;
@@ -54,7 +65,7 @@ static __device__ void epx_dispatch_send_token(const EpxDispatchSendParams &p, i
       if (v < nvec) buf[u] = epx_ld_nc_v4(src + v);
     }
     epx_for_each_dest(mask_lo, mask_hi, row_lo, row_hi, [&](int r, int row) {
-      int4 *dst = (int4 *)(c.peers[r] + L.payload_off + (size_t)row * L.payload_stride);
+      int4 *dst = epx_dispatch_dst(p, r, row, direct);
 #pragma unroll
       for (int u = 0; u < EPX_CUDA_COPY_UNROLL; ++u) {
         int v = v0 + u * 32 + lane;
@@ -70,7 +81,13 @@ static __device__ void epx_dispatch_send_token(const EpxDispatchSendParams &p, i
     for (int w0 = 0; w0 < swords; w0 += 32) {
       uint32_t val = w0 + lane < swords ? ssrc[w0 + lane] : 0u;
       epx_for_each_dest(mask_lo, mask_hi, row_lo, row_hi, [&](int r, int row) {
-        uint32_t *dst = (uint32_t *)(c.peers[r] + L.scales_off + (size_t)row * L.scales_stride);
+        uint32_t *dst;
+        if (direct && r == c.rank) {
+          if (!p.recv_x_scales) return;
+          dst = (uint32_t *)((char *)p.recv_x_scales + (size_t)row * p.scale_bytes);
+        } else {
+          dst = (uint32_t *)(c.peers[r] + L.scales_off + (size_t)row * L.scales_stride);
+        }
         if (w0 + lane < swords) dst[w0 + lane] = val;
       });
     }
@@ -85,10 +102,23 @@ static __device__ void epx_dispatch_send_token(const EpxDispatchSendParams &p, i
   }
   epx_for_each_dest(mask_lo, mask_hi, row_lo, row_hi, [&](int r, int row) {
     char *base = c.peers[r];
+    long long first = (long long)r * c.num_local_experts;
+    int local = (id >= first && id < first + c.num_local_experts) ? (int)(id - first) : -1;
+    if (direct && r == c.rank) {
+      /* The receive kernel's metadata outputs, written here for my own rows. */
+      if (lane == 0) {
+        p.handle_recv_src_idx[row] = t;
+        if (p.recv_src_idx) p.recv_src_idx[row] = t;
+      }
+      if (lane < p.num_topk) {
+        if (p.recv_topk_idx) epx_topk_set(p.recv_topk_idx, p.topk_is_int64, row, p.num_topk, lane, local);
+        if (p.recv_topk_weights)
+          p.recv_topk_weights[(size_t)row * p.num_topk + lane] = local >= 0 ? wt : 0.0f;
+      }
+      return;
+    }
     if (lane == 0) ((int *)(base + L.src_off))[row] = t;
     if (lane < p.num_topk) {
-      long long first = (long long)r * c.num_local_experts;
-      int local = (id >= first && id < first + c.num_local_experts) ? (int)(id - first) : -1;
       size_t k = (size_t)row * c.max_topk + lane;
       ((int *)(base + L.topk_off))[k] = local;
       ((float *)(base + L.weights_off))[k] = local >= 0 ? wt : 0.0f;
@@ -98,20 +128,23 @@ static __device__ void epx_dispatch_send_token(const EpxDispatchSendParams &p, i
 
 __global__ void __launch_bounds__(EPX_CUDA_DATA_THREADS) epx_dispatch_send_kernel(EpxDispatchSendParams p) {
   const EpxDevCtx &c = p.ctx;
-  __shared__ int s_fatal, s_skip;
+  __shared__ int s_fatal, s_skip, s_direct;
   __shared__ unsigned long long s_epoch;
   if (threadIdx.x == 0) {
     s_fatal = epx_ld_volatile_i32((volatile int *)&c.state->fatal);
     s_skip = p.invalid || c.state->call_status != 0;
     s_epoch = c.state->epoch;
+    /* Same test as the receive kernel's capacity check, on the same matrix. */
+    s_direct = !s_skip && p.rank_prefix_matrix[(c.nranks - 1) * c.nranks + c.rank] <= p.capacity_rows;
   }
   __syncthreads();
   /* After a fatal failure peers are not waited on and nothing more is posted. */
   if (s_fatal) return;
   if (!s_skip) {
     const int warps = gridDim.x * EPX_WARPS_PER_BLOCK;
+    const bool direct = s_direct != 0;
     for (int t = blockIdx.x * EPX_WARPS_PER_BLOCK + threadIdx.x / 32; t < p.num_tokens; t += warps)
-      epx_dispatch_send_token(p, t);
+      epx_dispatch_send_token(p, t, direct);
   }
   /* A failed call still posts its arrival, so every rank's op ends together. */
   epx_post_arrival(c, s_epoch);
@@ -127,15 +160,15 @@ static __device__ void epx_dispatch_recv_row(const EpxDispatchRecvParams &p, int
   const int4 *src = (const int4 *)(region + L.payload_off + (size_t)row * L.payload_stride);
   int4 *dst = (int4 *)((char *)p.recv_x + (size_t)row * p.payload_bytes);
   const int nvec = p.payload_bytes / 16;
-  for (int v0 = 0; v0 < nvec; v0 += 32 * EPX_CUDA_COPY_UNROLL) {
-    int4 buf[EPX_CUDA_COPY_UNROLL];
+  for (int v0 = 0; v0 < nvec; v0 += 32 * EPX_RECV_UNROLL) {
+    int4 buf[EPX_RECV_UNROLL];
 #pragma unroll
-    for (int u = 0; u < EPX_CUDA_COPY_UNROLL; ++u) {
+    for (int u = 0; u < EPX_RECV_UNROLL; ++u) {
       int v = v0 + u * 32 + lane;
       if (v < nvec) buf[u] = src[v];
     }
 #pragma unroll
-    for (int u = 0; u < EPX_CUDA_COPY_UNROLL; ++u) {
+    for (int u = 0; u < EPX_RECV_UNROLL; ++u) {
       int v = v0 + u * 32 + lane;
       if (v < nvec) dst[v] = buf[u];
     }
@@ -187,7 +220,10 @@ __global__ void __launch_bounds__(EPX_CUDA_DATA_THREADS) epx_dispatch_recv_kerne
   }
   const int warps = gridDim.x * EPX_WARPS_PER_BLOCK;
   const int gwarp = blockIdx.x * EPX_WARPS_PER_BLOCK + threadIdx.x / 32;
-  for (int row = gwarp; row < n_recv; row += warps) epx_dispatch_recv_row(p, row);
+  /* My own rows [lo, lo + own) were written into the outputs by the send kernel. */
+  const int lo = me > 0 ? p.rank_prefix_matrix[(me - 1) * R + me] : 0;
+  const int own = p.rank_prefix_matrix[me * R + me] - lo;
+  for (int i = gwarp; i < n_recv - own; i += warps) epx_dispatch_recv_row(p, i < lo ? i : i + own);
   /* Worst-case mode: rows past N_recv say "no expert" (recv_x stays untouched). */
   for (long long row = n_recv + gwarp; row < p.num_worst_tokens; row += warps) {
     if (lane < p.num_topk) {
