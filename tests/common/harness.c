@@ -681,3 +681,10 @@ int epx_test_parse_rank_exec(int argc, char **argv, const char **case_name, int 
   *nranks = atoi(argv[4]);
   return 0;
 }
+
+int epx_test_case_wanted(int argc, char **argv, const char *name) {
+  if (argc <= 1) return 1;
+  for (int a = 1; a < argc; ++a)
+    if (strcmp(argv[a], name) == 0) return 1;
+  return 0;
+}

@@ -50,6 +50,10 @@ int epx_test_spawn_with_id(int nranks, epx_test_rank_fn fn, void *arg, int timeo
 int epx_test_unique_id(epxUniqueId *id, int *helper_pid);
 void epx_test_unique_id_release(int helper_pid);
 
+/* 1 when a test binary run with no case names should run `name`, or when
+ * `name` is among argv[1..]: how every test selects its cases. */
+int epx_test_case_wanted(int argc, char **argv, const char *name);
+
 /* ---- exec mode ----
  * A rank function that re-executes the test binary as
  * "<self> --rank-exec CASE RANK NRANKS ID-HEX" (arg is the case name), so

@@ -680,11 +680,7 @@ int main(int argc, char **argv) {
   int ncases = (int)(sizeof cases / sizeof cases[0]), ran = 0;
   for (int i = 0; i < ncases; ++i) {
     const ncase *c = &cases[i];
-    if (argc > 1) {
-      int want = 0;
-      for (int a = 1; a < argc; ++a) want |= strcmp(argv[a], c->name) == 0;
-      if (!want) continue;
-    }
+    if (!epx_test_case_wanted(argc, argv, c->name)) continue;
     double t0 = epx_test_now();
     int rc = use_exec ? epx_test_spawn(c->R, epx_test_exec_rank, (void *)c->name, SPAWN_TIMEOUT_S)
                       : epx_test_spawn(c->R, run_rank, (void *)c, SPAWN_TIMEOUT_S);
@@ -699,11 +695,7 @@ int main(int argc, char **argv) {
   int nfaults = (int)(sizeof fault_cases / sizeof fault_cases[0]);
   for (int i = 0; i < nfaults; ++i) {
     const fcase *f = &fault_cases[i];
-    if (argc > 1) {
-      int want = 0;
-      for (int a = 1; a < argc; ++a) want |= strcmp(argv[a], f->name) == 0;
-      if (!want) continue;
-    }
+    if (!epx_test_case_wanted(argc, argv, f->name)) continue;
     double t0 = epx_test_now();
     int rc = use_exec ? epx_test_spawn(2, epx_test_exec_rank, (void *)f->name, 60)
                       : epx_test_spawn(2, run_fault, (void *)f, 60);

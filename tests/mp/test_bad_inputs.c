@@ -914,11 +914,7 @@ int main(int argc, char **argv) {
   int ncases = (int)(sizeof cases / sizeof cases[0]), ran = 0;
   for (int i = 0; i < ncases; ++i) {
     const bcase *c = &cases[i];
-    if (argc > 1) {
-      int want = 0;
-      for (int a = 1; a < argc; ++a) want |= strcmp(argv[a], c->name) == 0;
-      if (!want) continue;
-    }
+    if (!epx_test_case_wanted(argc, argv, c->name)) continue;
     double t0 = epx_test_now();
     int rc = epx_test_spawn(c->R, run_rank, (void *)c, SPAWN_TIMEOUT_S);
     if (rc != 0) {

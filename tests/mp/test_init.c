@@ -492,11 +492,7 @@ static const named cases[] = {
 int main(int argc, char **argv) {
   int n = (int)(sizeof cases / sizeof cases[0]), ran = 0;
   for (int i = 0; i < n; ++i) {
-    if (argc > 1) {
-      int want = 0;
-      for (int a = 1; a < argc; ++a) want |= strcmp(argv[a], cases[i].name) == 0;
-      if (!want) continue;
-    }
+    if (!epx_test_case_wanted(argc, argv, cases[i].name)) continue;
     double t0 = epx_test_now();
     fflush(stdout);
     if (cases[i].run() != 0) {

@@ -381,11 +381,7 @@ int main(int argc, char **argv) {
   for (int a = 1; a < argc; ++a) want_random |= strcmp(argv[a], "random") == 0;
   for (int i = 0; i < ncases; ++i) {
     const lcase *c = &cases[i];
-    if (argc > 1) {
-      int want = 0;
-      for (int a = 1; a < argc; ++a) want |= strcmp(argv[a], c->name) == 0;
-      if (!want) continue;
-    }
+    if (!epx_test_case_wanted(argc, argv, c->name)) continue;
     if (run_case(c)) return 1;
     ++ran;
   }
