@@ -1,6 +1,6 @@
 /*
  * reference.c - the CPU model of epx's operations. See reference.h; the
- * semantics are those of docs/CONTRIBUTING-HELPERS.md, step for step.
+ * semantics are those of docs/semantics.md, step for step.
  */
 #include "reference/reference.h"
 

@@ -2,7 +2,7 @@
  * reference.h - a single-process CPU model of every epx operation.
  *
  * Given the inputs of every rank (an epx_ref_world), it computes what any one
- * rank must receive, following docs/CONTRIBUTING-HELPERS.md to the bit: the
+ * rank must receive, following docs/semantics.md to the bit: the
  * receive order, the local-id rewrite, aligned counts, the worst-case padding
  * rows, and the FP32 summation order of both combines. Conversions and sums go
  * through src/common/numerics.h and layout_math.h only, so the reference makes

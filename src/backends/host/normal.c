@@ -327,7 +327,7 @@ epxResult_t epx_host_dispatch(epxComm_t comm, const epxCall_t *call, const epxDi
   return epxSuccess;
 }
 
-/* Canonical sum of one window token (CONTRIBUTING-HELPERS.md): node partials
+/* Canonical sum of one window token (docs/semantics.md): node partials
  * in rank order, nodes ascending, then the biases; one rounding to BF16. */
 static void reduce_token(epxComm_t comm, hostComm *hc, const epxCall_t *call,
                          const epxCombineArgs_t *a, const epxCombineOutputs_t *o,
