@@ -21,6 +21,10 @@
 
 #include "epx.h"
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 /* Largest per-rank payload of one all-gather (bounds every frame). */
 #define EPX_BOOTSTRAP_MAX_PAYLOAD (64u * 1024u)
 /* Largest rank count the bootstrap accepts. */
@@ -57,5 +61,9 @@ void epx_bootstrap_destroy(epxBootstrap *b);
 void epx_sha256(const void *data, size_t len, uint8_t out[32]);
 void epx_hmac_sha256(const uint8_t *key, size_t keylen, const void *data, size_t len,
                      uint8_t out[32]);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif /* EPX_BOOTSTRAP_H */

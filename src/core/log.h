@@ -5,6 +5,10 @@
 #ifndef EPX_CORE_LOG_H
 #define EPX_CORE_LOG_H
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 typedef enum epxLogLevel {
   EPX_LOG_NONE = 0,
   EPX_LOG_WARN = 1,
@@ -23,5 +27,9 @@ void epx_log(epxLogLevel_t level, int rank, const char *fmt, ...)
   do { if (epx_log_level() >= EPX_LOG_INFO) epx_log(EPX_LOG_INFO, rank, __VA_ARGS__); } while (0)
 #define EPX_TRACE(rank, ...) \
   do { if (epx_log_level() >= EPX_LOG_TRACE) epx_log(EPX_LOG_TRACE, rank, __VA_ARGS__); } while (0)
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif /* EPX_CORE_LOG_H */

@@ -33,6 +33,11 @@ static const epxParamDef param_defs[EPX_PARAM_COUNT] = {
     [EPX_PARAM_HOST_CHUNK_TOKENS] = {"EPX_HOST_CHUNK_TOKENS", 1, 128, NULL,
                                      "host backend: source tokens per shared-memory round"},
     [EPX_PARAM_DUMP_PARAMS] = {"EPX_DUMP_PARAMS", 1, 0, NULL, "1: print this table at first use"},
+    [EPX_PARAM_CUDA_LL_VARIANT] = {"EPX_CUDA_LL_VARIANT", 1, 1, NULL,
+                                   "CUDA low-latency kernels: 0 = one warp per message (old); "
+                                   "1 = row chunks over every warp, batched loads (default); "
+                                   "2 = 1 with send and receive fused into one launch when there "
+                                   "is no receive hook (correct but ~10x slower on 2xH200)"},
 };
 
 static int64_t int_values[EPX_PARAM_COUNT];

@@ -8,6 +8,10 @@
 
 #include <stdint.h>
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 typedef enum epxParam {
   EPX_PARAM_DEBUG,                /* string: WARN | INFO | TRACE */
   EPX_PARAM_TIMEOUT_MS,           /* int: hard timeout of waits on peers */
@@ -17,11 +21,16 @@ typedef enum epxParam {
   EPX_PARAM_SOCKET_LOOPBACK,      /* int: 1 = bind the rendezvous to 127.0.0.1 */
   EPX_PARAM_HOST_CHUNK_TOKENS,    /* int: host backend tokens per shared-memory round */
   EPX_PARAM_DUMP_PARAMS,          /* int: 1 = print this table at first use */
+  EPX_PARAM_CUDA_LL_VARIANT,      /* int: CUDA low-latency kernel variant (0, 1, 2) */
   EPX_PARAM_COUNT
 } epxParam_t;
 
 int64_t epx_param_int(epxParam_t p);
 const char *epx_param_str(epxParam_t p); /* "" when unset and without default */
 void epx_params_dump(void);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif /* EPX_CORE_PARAMS_H */

@@ -28,11 +28,9 @@
 #include <unistd.h>
 
 #include "backends/cuda/cuda_common.cuh"
-
-extern "C" {
 #include "bootstrap/bootstrap.h"
 #include "core/log.h"
-}
+#include "core/params.h"
 
 typedef struct EpxCudaComm {
   int device;
@@ -51,6 +49,7 @@ typedef struct EpxCudaComm {
   int ll_enabled;           /* 0: LL ops answer epxNotSupported (ll_off_reason) */
   const char *ll_off_reason;
   int ll_blocks;            /* blocks of the LL kernels */
+  int ll_variant;           /* EPX_CUDA_LL_VARIANT, read at init */
   EpxLLLayout ll_lay;
   char *ll_region;
   char **ll_peer_host;
@@ -306,6 +305,13 @@ static epxResult_t cuda_init(epxComm_t comm, struct epxBootstrap *boot) {
     if (cc->blocks > prop.multiProcessorCount) cc->blocks = prop.multiProcessorCount;
     /* LL kernels are latency-bound: spread them over every SM. */
     cc->ll_blocks = prop.multiProcessorCount;
+    /* 0: one warp per message; 1 (default): row chunks over every warp,
+     * batched loads; 2: 1 plus send and receive fused into one launch when
+     * there is no hook (the fused grid, one block per SM, is co-resident).
+     * 2xH200, EP2, T=128: 0 = 58/57 us dispatch/combine, 1 = 51/54, 2 = 555/611
+     * (variant 2: cause not measured yet; see the LL notes in the report). */
+    cc->ll_variant = (int)epx_param_int(EPX_PARAM_CUDA_LL_VARIANT);
+    if (cc->ll_variant < 0 || cc->ll_variant > 2) cc->ll_variant = 1;
     if (comm->config.ll_max_tokens_per_rank > 0) {
       /* The send kernel keeps E x ceil(T/32) bitmask words in shared memory;
        * 8 KB stay for its static shared memory. */
@@ -822,11 +828,13 @@ static epxResult_t cuda_ll_dispatch(epxComm_t comm, const epxCall_t *call,
   sp.ctx = make_ctx(comm);
   sp.seq = call->seq;
   sp.invalid = invalid;
+  sp.variant = cc->ll_variant;
   EpxLLDispatchRecvParams rp;
   memset(&rp, 0, sizeof rp);
   rp.ctx = sp.ctx;
   rp.seq = call->seq;
   rp.invalid = invalid;
+  rp.variant = cc->ll_variant;
   rp.epoch_src = &cc->state->ll_epoch; /* the send kernel just advanced it (stream order) */
   int send_blocks = 1;
   EpxCudaHandle *hh = NULL;
@@ -860,9 +868,11 @@ static epxResult_t cuda_ll_dispatch(epxComm_t comm, const epxCall_t *call,
     rp.h_recv_count = h->ll_recv_count;
     rp.h_layout_range = (long long *)h->ll_layout_range;
   }
-  cudaError_t e = epx_cuda_launch_ll_dispatch_send(&sp, send_blocks, st);
+  const int fused = cc->ll_variant >= 2 && (invalid || !a->return_recv_hook);
+  cudaError_t e = fused ? epx_cuda_launch_ll_dispatch_fused(&sp, &rp, cc->ll_blocks, st)
+                        : epx_cuda_launch_ll_dispatch_send(&sp, send_blocks, st);
   if (e != cudaSuccess) return ll_launch_failed(comm, e, "epxLowLatencyDispatch: send kernel launch");
-  if (invalid || !a->return_recv_hook) {
+  if (!fused && (invalid || !a->return_recv_hook)) {
     e = epx_cuda_launch_ll_dispatch_recv(&rp, cc->ll_blocks, st);
     if (e != cudaSuccess)
       return ll_launch_failed(comm, e, "epxLowLatencyDispatch: receive kernel launch");
@@ -905,11 +915,13 @@ static epxResult_t cuda_ll_combine(epxComm_t comm, const epxCall_t *call,
   sp.ctx = make_ctx(comm);
   sp.seq = call->seq;
   sp.invalid = invalid;
+  sp.variant = cc->ll_variant;
   EpxLLCombineRecvParams rp;
   memset(&rp, 0, sizeof rp);
   rp.ctx = sp.ctx;
   rp.seq = call->seq;
   rp.invalid = invalid;
+  rp.variant = cc->ll_variant;
   rp.epoch_src = &cc->state->ll_epoch;
   EpxCudaHandle *hh = NULL;
   if (!invalid) {
@@ -931,9 +943,11 @@ static epxResult_t cuda_ll_combine(epxComm_t comm, const epxCall_t *call,
     rp.num_topk = a->num_topk;
     rp.combined_x = combined_x;
   }
-  cudaError_t e = epx_cuda_launch_ll_combine_send(&sp, cc->ll_blocks, st);
+  const int fused = cc->ll_variant >= 2 && (invalid || !a->return_recv_hook);
+  cudaError_t e = fused ? epx_cuda_launch_ll_combine_fused(&sp, &rp, cc->ll_blocks, st)
+                        : epx_cuda_launch_ll_combine_send(&sp, cc->ll_blocks, st);
   if (e != cudaSuccess) return ll_launch_failed(comm, e, "epxLowLatencyCombine: send kernel launch");
-  if (invalid || !a->return_recv_hook) {
+  if (!fused && (invalid || !a->return_recv_hook)) {
     e = epx_cuda_launch_ll_combine_recv(&rp, cc->ll_blocks, st);
     if (e != cudaSuccess)
       return ll_launch_failed(comm, e, "epxLowLatencyCombine: receive kernel launch");

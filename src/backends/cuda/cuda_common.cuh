@@ -669,6 +669,7 @@ typedef struct EpxLLDispatchSendParams {
   EpxDevCtx ctx;
   unsigned long long seq;
   int invalid;                      /* take part empty: header and signal only */
+  int variant; /* EPX_CUDA_LL_VARIANT (see cuda_backend.cu) */
   const void *x;                    /* [T, H] BF16 */
   const void *topk_idx;
   int topk_is_int64, num_tokens, hidden, num_topk;
@@ -680,6 +681,7 @@ typedef struct EpxLLDispatchRecvParams {
   EpxDevCtx ctx;
   unsigned long long seq;
   int invalid;
+  int variant; /* EPX_CUDA_LL_VARIANT (see cuda_backend.cu) */
   const unsigned long long *epoch_src; /* the op number (handle word or state->ll_epoch) */
   int hidden, num_topk, fp8, ue8m0;
   void *recv_x, *recv_x_scales;
@@ -697,6 +699,7 @@ typedef struct EpxLLCombineSendParams {
   EpxDevCtx ctx;
   unsigned long long seq;
   int invalid;
+  int variant; /* EPX_CUDA_LL_VARIANT (see cuda_backend.cu) */
   const void *x; /* [E_local, R * llT, H] BF16 expert outputs */
   int hidden, num_topk;
   const int *row_src_rank, *row_src_token;
@@ -709,6 +712,7 @@ typedef struct EpxLLCombineRecvParams {
   EpxDevCtx ctx;
   unsigned long long seq;
   int invalid;
+  int variant; /* EPX_CUDA_LL_VARIANT (see cuda_backend.cu) */
   const unsigned long long *epoch_src;
   const void *topk_idx;
   int topk_is_int64;
@@ -725,5 +729,14 @@ cudaError_t epx_cuda_launch_ll_combine_send(const EpxLLCombineSendParams *p, int
                                             cudaStream_t stream);
 cudaError_t epx_cuda_launch_ll_combine_recv(const EpxLLCombineRecvParams *p, int blocks,
                                             cudaStream_t stream);
+/* Send and receive in one launch (no receive hook): every block sends its
+ * share, then receives. The grid must be co-resident (blocks <= SMs: a block
+ * waiting for the signals holds its SM while the last sender posts them). */
+cudaError_t epx_cuda_launch_ll_dispatch_fused(const EpxLLDispatchSendParams *sp,
+                                              const EpxLLDispatchRecvParams *rp, int blocks,
+                                              cudaStream_t stream);
+cudaError_t epx_cuda_launch_ll_combine_fused(const EpxLLCombineSendParams *sp,
+                                             const EpxLLCombineRecvParams *rp, int blocks,
+                                             cudaStream_t stream);
 
 #endif /* EPX_CUDA_COMMON_CUH */

@@ -1,114 +1,21 @@
 /*
- * ll_combine_recv.cu - low-latency combine, receive half: for each of my
- * tokens t, acc = 0; for k = 0..K-1 with topk_idx[t][k] >= 0:
- * acc = epx_add_rn(acc, epx_mul_rn(w[t][k], bf16(inbox[t][k]))); out = bf16(acc),
- * exactly the contract's order. Work items are (token, 256-channel chunk), one
- * per warp, so a few tokens still spread over many SMs. Ids outside [-1, E)
- * (checked here on the device) fail the call and leave combined_x untouched.
+ * ll_combine_recv.cu - low-latency combine, receive kernel (the hook of a
+ * split combine, or the second kernel of a plain one when the send and
+ * receive are not fused). The work itself is in ll_combine_recv.cuh.
  */
-#include "backends/cuda/cuda_common.cuh"
-
-static __device__ __forceinline__ int4 epx_ll_pack_bf16x8(const float f[8]) {
-  uint32_t w[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-    w[i] = (uint32_t)epx_f32_to_bf16(f[2 * i]) | ((uint32_t)epx_f32_to_bf16(f[2 * i + 1]) << 16);
-  return make_int4((int)w[0], (int)w[1], (int)w[2], (int)w[3]);
-}
+#include "backends/cuda/ll_combine_recv.cuh"
 
 __global__ void __launch_bounds__(EPX_LL_THREADS)
     epx_ll_combine_recv_kernel(EpxLLCombineRecvParams p) {
-  const EpxDevCtx &c = p.ctx;
-  const int R = c.nranks, me = c.rank;
-  __shared__ int s_fatal, s_status, s_bad, s_bad_token;
-  __shared__ long long s_bad_id;
+  __shared__ int s_fatal;
   __shared__ unsigned long long s_epoch;
-  __shared__ int s_code[EPX_CUDA_MAX_RANKS], s_field[EPX_CUDA_MAX_RANKS];
-  __shared__ long long s_mine[EPX_CUDA_MAX_RANKS], s_theirs[EPX_CUDA_MAX_RANKS];
   if (threadIdx.x == 0) {
-    s_fatal = epx_ll_fatal(c);
+    s_fatal = epx_ll_fatal(p.ctx);
     s_epoch = *p.epoch_src;
-    s_bad = 0;
-    s_bad_token = -1;
-    s_bad_id = 0;
   }
   __syncthreads();
   if (s_fatal) return;
-  const unsigned long long epoch = s_epoch;
-  const int K = p.invalid ? 0 : p.num_topk, T = p.invalid ? 0 : p.num_tokens;
-
-  /* Range check of my own ids (no peer involved: read before the wait). */
-  for (int i = threadIdx.x; i < T * K; i += blockDim.x) {
-    long long id = epx_topk_get(p.topk_idx, p.topk_is_int64, i / K, K, i % K);
-    if ((id < -1 || id >= c.num_experts) && atomicExch(&s_bad, 1) == 0) {
-      s_bad_id = id;
-      s_bad_token = i / K;
-    }
-  }
-  if (!epx_ll_wait_signals(c, epoch, EPX_OP_LL_COMBINE, p.seq)) return;
-  char *slot = epx_ll_slot(c, c.ll_peers[me], epoch);
-
-  if ((int)threadIdx.x < R) {
-    const int s = threadIdx.x;
-    const EpxLLHeader h = *epx_ll_hdr(c, slot, s); /* after the acquire of sig[s] */
-    int code = 0, field = EPX_FIELD_NONE;
-    long long mine = 0, theirs = 0;
-    if (h.flags & EPX_HELLO_INVALID) {
-      code = s == me ? epxInvalidArgument : epxRemoteError;
-    } else if (!p.invalid) {
-      if (h.op != EPX_OP_LL_COMBINE) code = epxMismatch, field = EPX_FIELD_OP, mine = EPX_OP_LL_COMBINE, theirs = h.op;
-      else if (h.seq != p.seq) code = epxMismatch, field = EPX_FIELD_SEQ, mine = (long long)p.seq, theirs = (long long)h.seq;
-      else if (h.hidden != p.hidden) code = epxMismatch, field = EPX_FIELD_HIDDEN, mine = p.hidden, theirs = h.hidden;
-      else if (h.topk != p.num_topk) code = epxMismatch, field = EPX_FIELD_TOPK, mine = p.num_topk, theirs = h.topk;
-    }
-    s_code[s] = code;
-    s_field[s] = field;
-    s_mine[s] = mine;
-    s_theirs[s] = theirs;
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    int best = me, best_prio = epx_ll_code_priority(s_code[me]);
-    for (int s = 0; s < R; ++s) {
-      int prio = epx_ll_code_priority(s_code[s]);
-      if (prio > best_prio) best = s, best_prio = prio;
-    }
-    int status = p.invalid ? epxInvalidArgument : s_code[best];
-    if (!p.invalid && blockIdx.x == 0) {
-      if (status != 0)
-        epx_record_error(c, status, EPX_OP_LL_COMBINE, EPX_PHASE_CHECK, best, s_field[best],
-                         s_mine[best], s_theirs[best], p.seq);
-      else if (s_bad)
-        epx_record_error(c, epxInvalidArgument, EPX_OP_LL_COMBINE, EPX_PHASE_CHECK, me,
-                         EPX_FIELD_EXPERT_ID, s_bad_token, s_bad_id, p.seq);
-    }
-    s_status = status != 0 ? status : (s_bad ? epxInvalidArgument : 0);
-  }
-  __syncthreads();
-
-  if (s_status == 0) {
-    const int lane = threadIdx.x % 32;
-    const int nvec = p.hidden / 8;
-    const int chunks = (nvec + 31) / 32;
-    const int warps = gridDim.x * EPX_LL_WARPS;
-    for (int i = blockIdx.x * EPX_LL_WARPS + (int)threadIdx.x / 32; i < T * chunks; i += warps) {
-      const int t = i / chunks, v = (i % chunks) * 32 + lane;
-      if (v >= nvec) continue;
-      float acc[8];
-#pragma unroll
-      for (int j = 0; j < 8; ++j) acc[j] = 0.0f;
-      for (int k = 0; k < K; ++k) {
-        if (!epx_topk_valid(epx_topk_get(p.topk_idx, p.topk_is_int64, t, K, k))) continue;
-        const float w = p.topk_weights[(size_t)t * K + k];
-        float f[8];
-        epx_ll_unpack_bf16x8(((const int4 *)epx_ll_inbox(c, slot, t, k))[v], f);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) acc[j] = epx_add_rn(acc[j], epx_mul_rn(w, f[j]));
-      }
-      ((int4 *)((char *)p.combined_x + (size_t)t * p.hidden * 2))[v] = epx_ll_pack_bf16x8(acc);
-    }
-  }
-  epx_ll_post_acks(c, epoch);
+  epx_ll_combine_recv_body(p, s_epoch);
 }
 
 cudaError_t epx_cuda_launch_ll_combine_recv(const EpxLLCombineRecvParams *p, int blocks,

@@ -10,10 +10,13 @@
  * rows of all experts (a prefix of the per-expert counts in shared memory), so
  * the work is balanced whatever the routing.
  */
-#include "backends/cuda/cuda_common.cuh"
+#include "backends/cuda/ll_combine_recv.cuh"
 
-__global__ void __launch_bounds__(EPX_LL_THREADS)
-    epx_ll_combine_send_kernel(EpxLLCombineSendParams p) {
+/* 16-byte vectors a lane keeps in flight in the chunked send (variant >= 1). */
+#define EPX_LL_CSEND_UNROLL 8
+
+/* The send half; returns the op number, or 0 when this block must stop. */
+static __device__ unsigned long long epx_ll_combine_send_body(const EpxLLCombineSendParams &p) {
   extern __shared__ int s_prefix[]; /* [E_local + 1]: exclusive prefix of the valid rows */
   const EpxDevCtx &c = p.ctx;
   const int R = c.nranks, El = c.num_local_experts, me = c.rank;
@@ -35,9 +38,9 @@ __global__ void __launch_bounds__(EPX_LL_THREADS)
     }
   }
   __syncthreads();
-  if (s_fatal) return;
+  if (s_fatal) return 0;
   const unsigned long long epoch = s_epoch;
-  if (!epx_ll_wait_slot_free(c, epoch, EPX_OP_LL_COMBINE, p.seq)) return;
+  if (!epx_ll_wait_slot_free(c, epoch, EPX_OP_LL_COMBINE, p.seq)) return 0;
 
   if (blockIdx.x == 0 && (int)threadIdx.x < R) {
     const int r = threadIdx.x;
@@ -55,7 +58,55 @@ __global__ void __launch_bounds__(EPX_LL_THREADS)
     h->bad_token = -1;
   }
 
-  if (!p.invalid) {
+  if (!p.invalid && p.variant != 0) {
+    /* items (row, chunk of the row): every warp of the grid has work, each
+     * loads its chunk once (EPX_LL_CSEND_UNROLL vectors a lane in flight) */
+    const int lane = threadIdx.x % 32, K = p.num_topk;
+    const unsigned kvalid = K >= 32 ? 0xffffffffu : (1u << K) - 1u;
+    const int nvec = p.hidden / 8;
+    const size_t xrow = (size_t)p.hidden * 2;
+    const int total = s_prefix[El];
+    const int warps = gridDim.x * EPX_LL_WARPS;
+    const int per_round = 32 * EPX_LL_CSEND_UNROLL;
+    int Q = total > 0 ? warps / total : 1;
+    const int max_q = (nvec + per_round - 1) / per_round;
+    if (Q > max_q) Q = max_q;
+    if (Q < 1) Q = 1;
+    const int chunk = ((nvec + Q - 1) / Q + 31) / 32 * 32;
+    for (int i = blockIdx.x * EPX_LL_WARPS + (int)threadIdx.x / 32; i < total * Q; i += warps) {
+      const int q = i % Q, ri = i / Q;
+      int lo = 0, hi = El - 1;
+      while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (s_prefix[mid] <= ri) lo = mid;
+        else hi = mid - 1;
+      }
+      const int e = lo, row = ri - s_prefix[e];
+      const size_t at = (size_t)epx_ll_row_index(e, row, R, llT);
+      const int s = p.row_src_rank[at], t = p.row_src_token[at];
+      const unsigned kmask = p.row_kmask[at] & kvalid;
+      if (s < 0 || s >= R || t < 0 || t >= llT) continue;
+      char *slot = epx_ll_slot(c, c.ll_peers[s], epoch);
+      const int4 *src = (const int4 *)((const char *)p.x + at * xrow);
+      const int v_lo = q * chunk, v_hi = min(nvec, v_lo + chunk);
+      for (int v0 = v_lo; v0 < v_hi; v0 += per_round) {
+        int4 buf[EPX_LL_CSEND_UNROLL];
+#pragma unroll
+        for (int u = 0; u < EPX_LL_CSEND_UNROLL; ++u) {
+          int v = v0 + u * 32 + lane;
+          if (v < v_hi) buf[u] = epx_ld_nc_v4(src + v);
+        }
+        for (unsigned m = kmask; m; m &= m - 1) {
+          int4 *dst = (int4 *)epx_ll_inbox(c, slot, t, __ffs(m) - 1);
+#pragma unroll
+          for (int u = 0; u < EPX_LL_CSEND_UNROLL; ++u) {
+            int v = v0 + u * 32 + lane;
+            if (v < v_hi) dst[v] = buf[u];
+          }
+        }
+      }
+    }
+  } else if (!p.invalid) {
     const int lane = threadIdx.x % 32, K = p.num_topk;
     const unsigned kvalid = K >= 32 ? 0xffffffffu : (1u << K) - 1u;
     const int nvec = p.hidden / 8;
@@ -95,6 +146,34 @@ __global__ void __launch_bounds__(EPX_LL_THREADS)
     }
   }
   epx_ll_post_signals(c, epoch);
+  return epoch;
+}
+
+__global__ void __launch_bounds__(EPX_LL_THREADS)
+    epx_ll_combine_send_kernel(EpxLLCombineSendParams p) {
+  epx_ll_combine_send_body(p);
+}
+
+/* Send, then receive, in one launch (variant 2, no hook). */
+__global__ void __launch_bounds__(EPX_LL_THREADS, 1)
+    epx_ll_combine_fused_kernel(EpxLLCombineSendParams sp, EpxLLCombineRecvParams rp) {
+  const unsigned long long epoch = epx_ll_combine_send_body(sp);
+  if (epoch == 0) return;
+  __syncthreads(); /* s_prefix (dynamic shared memory) is dead from here */
+  epx_ll_combine_recv_body(rp, epoch);
+}
+
+cudaError_t epx_cuda_launch_ll_combine_fused(const EpxLLCombineSendParams *sp,
+                                             const EpxLLCombineRecvParams *rp, int blocks,
+                                             cudaStream_t stream) {
+  size_t smem = sizeof(int) * ((size_t)sp->ctx.num_local_experts + 1);
+  if (smem > 48 * 1024) {
+    cudaError_t err = cudaFuncSetAttribute(epx_ll_combine_fused_kernel,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (err != cudaSuccess) return err;
+  }
+  epx_ll_combine_fused_kernel<<<blocks, EPX_LL_THREADS, smem, stream>>>(*sp, *rp);
+  return cudaGetLastError();
 }
 
 cudaError_t epx_cuda_launch_ll_combine_send(const EpxLLCombineSendParams *p, int blocks,

@@ -16,7 +16,7 @@
  * epx_fp8_quantize, epx_ue8m0_from_scale), so the bytes are identical.
  * Ids outside [-1, E) fail the call on every rank (header flag) and steer no write.
  */
-#include "backends/cuda/cuda_common.cuh"
+#include "backends/cuda/ll_dispatch_recv.cuh"
 
 /* Half-warp lanes covering one 128-channel group: 16 lanes x 8 BF16 values. */
 #define EPX_LL_GROUP_LANES (EPX_FP8_GROUP / 8)
@@ -97,8 +97,32 @@ static __device__ void epx_ll_send_bf16(const EpxLLDispatchSendParams &p, unsign
   }
 }
 
-__global__ void __launch_bounds__(EPX_LL_THREADS)
-    epx_ll_dispatch_send_kernel(EpxLLDispatchSendParams p) {
+/* Variant >= 1: each thread loads all its vectors of the row (up to
+ * EPX_CUDA_COPY_UNROLL) before storing them, so they are in flight together. */
+static __device__ void epx_ll_send_bf16_batched(const EpxLLDispatchSendParams &p,
+                                                unsigned long long epoch, const int4 *src,
+                                                unsigned long long dmask, int t) {
+  const EpxDevCtx &c = p.ctx;
+  const int nvec = p.hidden / 8;
+  const int step = (int)blockDim.x;
+  for (int v0 = threadIdx.x; v0 < nvec; v0 += step * EPX_CUDA_COPY_UNROLL) {
+    int4 buf[EPX_CUDA_COPY_UNROLL];
+#pragma unroll
+    for (int u = 0; u < EPX_CUDA_COPY_UNROLL; ++u)
+      if (v0 + u * step < nvec) buf[u] = epx_ld_nc_v4(src + v0 + u * step);
+    for (unsigned long long m = dmask; m; m &= m - 1) {
+      const int r = __ffsll((long long)m) - 1;
+      int4 *dst = (int4 *)epx_ll_msg(c, epx_ll_slot(c, c.ll_peers[r], epoch), c.rank, t);
+#pragma unroll
+      for (int u = 0; u < EPX_CUDA_COPY_UNROLL; ++u)
+        if (v0 + u * step < nvec) dst[v0 + u * step] = buf[u];
+    }
+  }
+}
+
+/* The send half; returns the op number, or 0 when this block must stop
+ * (sticky fatal error, failed wait). */
+static __device__ unsigned long long epx_ll_dispatch_send_body(const EpxLLDispatchSendParams &p) {
   extern __shared__ unsigned int s_mask[]; /* [E][W]: bit t of row e = token t names expert e */
   const EpxDevCtx &c = p.ctx;
   const int R = c.nranks, El = c.num_local_experts, E = c.num_experts, me = c.rank;
@@ -120,7 +144,7 @@ __global__ void __launch_bounds__(EPX_LL_THREADS)
   }
   for (int i = threadIdx.x; i < E * W; i += blockDim.x) s_mask[i] = 0u;
   __syncthreads();
-  if (s_fatal) return;
+  if (s_fatal) return 0;
   const unsigned long long epoch = s_epoch;
 
   /* ---- token bitmasks per expert; id range check ---- */
@@ -140,7 +164,7 @@ __global__ void __launch_bounds__(EPX_LL_THREADS)
   const int sending = !p.invalid && !s_bad;
 
   /* ---- slot e % 2 of every destination must be free (op e - 2 read) ---- */
-  if (!epx_ll_wait_slot_free(c, epoch, EPX_OP_LL_DISPATCH, p.seq)) return;
+  if (!epx_ll_wait_slot_free(c, epoch, EPX_OP_LL_DISPATCH, p.seq)) return 0;
 
   /* ---- headers: block 0, thread r -> destination r ---- */
   if (blockIdx.x == 0 && (int)threadIdx.x < R) {
@@ -201,12 +225,48 @@ __global__ void __launch_bounds__(EPX_LL_THREADS)
       const int4 *src = (const int4 *)((const char *)p.x + (size_t)t * p.hidden * 2);
       if (p.fp8)
         epx_ll_send_fp8(p, epoch, src, dmask, t);
+      else if (p.variant != 0)
+        epx_ll_send_bf16_batched(p, epoch, src, dmask, t);
       else
         epx_ll_send_bf16(p, epoch, src, dmask, t);
       __syncthreads(); /* s_id / s_pos / s_dmask are rewritten for the next token */
     }
   }
   epx_ll_post_signals(c, epoch);
+  return epoch;
+}
+
+__global__ void __launch_bounds__(EPX_LL_THREADS)
+    epx_ll_dispatch_send_kernel(EpxLLDispatchSendParams p) {
+  epx_ll_dispatch_send_body(p);
+}
+
+/* Send, then receive, in one launch (variant 2, no hook): the receive half of
+ * each block starts as soon as the signals are in, without a kernel boundary.
+ * Dynamic shared memory is reused: the send's bitmasks are dead once its
+ * signals are posted (epx_ll_post_signals ends with a block barrier). */
+__global__ void __launch_bounds__(EPX_LL_THREADS, 1)
+    epx_ll_dispatch_fused_kernel(EpxLLDispatchSendParams sp, EpxLLDispatchRecvParams rp) {
+  const unsigned long long epoch = epx_ll_dispatch_send_body(sp);
+  if (epoch == 0) return;
+  __syncthreads();
+  epx_ll_dispatch_recv_body(rp, epoch);
+}
+
+cudaError_t epx_cuda_launch_ll_dispatch_fused(const EpxLLDispatchSendParams *sp,
+                                              const EpxLLDispatchRecvParams *rp, int blocks,
+                                              cudaStream_t stream) {
+  int T = sp->invalid ? 0 : sp->num_tokens;
+  size_t smem = epx_cuda_ll_mask_bytes(sp->ctx.num_experts, T);
+  size_t rsmem = sizeof(int) * (size_t)rp->ctx.num_local_experts * (size_t)rp->ctx.nranks;
+  if (rsmem > smem) smem = rsmem;
+  if (smem > 48 * 1024) {
+    cudaError_t err = cudaFuncSetAttribute(epx_ll_dispatch_fused_kernel,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (err != cudaSuccess) return err;
+  }
+  epx_ll_dispatch_fused_kernel<<<blocks, EPX_LL_THREADS, smem, stream>>>(*sp, *rp);
+  return cudaGetLastError();
 }
 
 cudaError_t epx_cuda_launch_ll_dispatch_send(const EpxLLDispatchSendParams *p, int blocks,
