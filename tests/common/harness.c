@@ -688,3 +688,25 @@ int epx_test_case_wanted(int argc, char **argv, const char *name) {
     if (strcmp(argv[a], name) == 0) return 1;
   return 0;
 }
+
+int epx_test_rank_compare(int rank, const char *what, epx_test_elem e, const void *exp,
+                          const void *got, int64_t rows, int64_t cols) {
+  char name[160];
+  snprintf(name, sizeof name, "rank %d %s", rank, what);
+  return epx_test_compare(name, e, exp, got, rows, cols) != 0;
+}
+
+int epx_test_expect_success(int rank, epxComm_t comm, epxResult_t res, const char *what) {
+  if (res == epxSuccess) return 0;
+  fprintf(stderr, "  rank %d: %s returned %s: %s\n", rank, what, epxGetErrorString(res),
+          epxCommGetLastError(comm));
+  return 1;
+}
+
+int epx_test_case_tokens(int T, int r, int nranks, int vary, unsigned zero_mask) {
+  int t = T;
+  if (vary) t = T - (int)((int64_t)T * r / (2 * nranks)) - (r % 3);
+  if (t < 0) t = 0;
+  if (zero_mask & (1u << r)) t = 0;
+  return t;
+}

@@ -189,4 +189,13 @@ int epx_test_expect_res(epxResult_t res, epxResult_t want, const char *ctx, cons
 void *epx_test_xmalloc(size_t bytes);
 void *epx_test_xaligned(size_t bytes);
 
+/* epx_test_compare with the rank and the output's name in the message; 1 on a difference. */
+int epx_test_rank_compare(int rank, const char *what, epx_test_elem e, const void *exp,
+                          const void *got, int64_t rows, int64_t cols);
+/* 0 on epxSuccess; otherwise prints the call, the result and the library's message, returns 1. */
+int epx_test_expect_success(int rank, epxComm_t comm, epxResult_t res, const char *what);
+/* Tokens of rank r in a case with base count T: with `vary`, ranks get fewer
+ * tokens as r grows (uneven loads); ranks in zero_mask get none. */
+int epx_test_case_tokens(int T, int r, int nranks, int vary, unsigned zero_mask);
+
 #endif /* EPX_TESTS_HARNESS_H */

@@ -90,26 +90,8 @@ static void make_problem(const lcase *c, epx_test_problem *p, uint64_t seed) {
   p->routing = c->routing;
   p->seed = seed;
   for (int r = 0; r < c->R; ++r) {
-    int t = c->T;
-    if (c->vary) t = c->T - (int)((int64_t)c->T * r / (2 * c->R)) - (r % 3);
-    if (t < 0) t = 0;
-    if (c->zero_mask & (1u << r)) t = 0;
-    p->tokens[r] = t;
+    p->tokens[r] = epx_test_case_tokens(c->T, r, c->R, c->vary, c->zero_mask);
   }
-}
-
-static int cmp(int rank, const char *what, epx_test_elem e, const void *exp, const void *got,
-               int64_t rows, int64_t cols) {
-  char name[160];
-  snprintf(name, sizeof name, "rank %d %s", rank, what);
-  return epx_test_compare(name, e, exp, got, rows, cols) != 0;
-}
-
-static int expect(int rank, epxComm_t comm, epxResult_t res, const char *what) {
-  if (res == epxSuccess) return 0;
-  fprintf(stderr, "  rank %d: %s returned %s: %s\n", rank, what, epxGetErrorString(res),
-          epxCommGetLastError(comm));
-  return 1;
 }
 
 /* counts[e]: tokens (all sources) listing expert e, once per token. */
@@ -249,12 +231,12 @@ static int enqueue_dispatch(epxComm_t comm, epxHandle_t h, const lcycle *y, cons
                             int rank, lbufs *b, int *stats) {
   epxLowLatencyDispatchArgs_t a = dargs(y, c, rank, b, stats);
   epxLowLatencyDispatchOutputs_t o = {b->recv_x, b->scales, b->count, b->src_info, b->range};
-  int fail = expect(rank, comm, epxLowLatencyDispatch(comm, &a, h, &o, g_stream), "epxLowLatencyDispatch");
+  int fail = epx_test_expect_success(rank, comm, epxLowLatencyDispatch(comm, &a, h, &o, g_stream), "epxLowLatencyDispatch");
   if (!fail && c->hook_dispatch) {
     epxHandleInfo_t info;
     epxHandleGetInfo(h, &info);
     if (!info.recv_pending) fprintf(stderr, "  rank %d: recv_pending not set\n", rank), fail = 1;
-    if (!fail) fail |= expect(rank, comm, epxLowLatencyRecv(comm, h, g_stream), "epxLowLatencyRecv");
+    if (!fail) fail |= epx_test_expect_success(rank, comm, epxLowLatencyRecv(comm, h, g_stream), "epxLowLatencyRecv");
   }
   return fail;
 }
@@ -272,10 +254,10 @@ static int enqueue_combine(epxComm_t comm, epxHandle_t h, const lcycle *y, const
   ca.hidden = c->H;
   ca.num_topk = c->K;
   ca.return_recv_hook = c->hook_combine;
-  int fail = expect(rank, comm, epxLowLatencyCombine(comm, &ca, h, b->combined, g_stream),
+  int fail = epx_test_expect_success(rank, comm, epxLowLatencyCombine(comm, &ca, h, b->combined, g_stream),
                     "epxLowLatencyCombine");
   if (!fail && c->hook_combine)
-    fail |= expect(rank, comm, epxLowLatencyRecv(comm, h, g_stream), "epxLowLatencyRecv (combine)");
+    fail |= epx_test_expect_success(rank, comm, epxLowLatencyRecv(comm, h, g_stream), "epxLowLatencyRecv (combine)");
   return fail;
 }
 
@@ -283,10 +265,10 @@ static int check_dispatch(const lcycle *y, const lcase *c, int rank, const lbufs
   int R = c->R, el = c->E / R, H = c->H;
   int fail = 0;
   int *cnt = to_host(b->count, sizeof(int) * el);
-  fail |= cmp(rank, "recv_count", EPX_ELEM_I32, y->ref.recv_count, cnt, 1, el);
+  fail |= epx_test_rank_compare(rank, "recv_count", EPX_ELEM_I32, y->ref.recv_count, cnt, 1, el);
   free(cnt);
   int64_t *range = to_host(b->range, sizeof(int64_t) * el * R);
-  fail |= cmp(rank, "recv_layout_range", EPX_ELEM_I64, y->ref.recv_layout_range, range, el, R);
+  fail |= epx_test_rank_compare(rank, "recv_layout_range", EPX_ELEM_I64, y->ref.recv_layout_range, range, el, R);
   free(range);
   for (int e = 0; e < el && !fail; ++e) {
     int n = y->ref.recv_count[e];
@@ -295,7 +277,7 @@ static int check_dispatch(const lcycle *y, const lcase *c, int rank, const lbufs
     char what[64];
     uint8_t *gx = to_host((uint8_t *)b->recv_x + at * b->xrow, (size_t)(n + extra) * b->xrow);
     snprintf(what, sizeof what, "expert %d recv_x", e);
-    fail |= cmp(rank, what, c->fp8 ? EPX_ELEM_FP8 : EPX_ELEM_BF16,
+    fail |= epx_test_rank_compare(rank, what, c->fp8 ? EPX_ELEM_FP8 : EPX_ELEM_BF16,
                 (uint8_t *)y->ref.recv_x + at * b->xrow, gx, n, H);
     if (extra && !epx_test_is_poisoned(gx + (size_t)n * b->xrow, b->xrow)) {
       fprintf(stderr, "  rank %d: expert %d row %d (past recv_count) was written\n", rank, e, n);
@@ -305,13 +287,13 @@ static int check_dispatch(const lcycle *y, const lcase *c, int rank, const lbufs
     if (c->fp8) {
       void *gs = to_host((uint8_t *)b->scales + at * b->srow, (size_t)n * b->srow);
       snprintf(what, sizeof what, "expert %d recv_x_scales", e);
-      fail |= cmp(rank, what, c->ue8m0 ? EPX_ELEM_I32 : EPX_ELEM_F32,
+      fail |= epx_test_rank_compare(rank, what, c->ue8m0 ? EPX_ELEM_I32 : EPX_ELEM_F32,
                   (uint8_t *)y->ref.recv_x_scales + at * b->srow, gs, n, (int64_t)(b->srow / 4));
       free(gs);
     }
     int *gi = to_host(b->src_info + at, sizeof(int) * (size_t)n);
     snprintf(what, sizeof what, "expert %d recv_src_info", e);
-    fail |= cmp(rank, what, EPX_ELEM_I32, y->ref.recv_src_info + at, gi, n, 1);
+    fail |= epx_test_rank_compare(rank, what, EPX_ELEM_I32, y->ref.recv_src_info + at, gi, n, 1);
     free(gi);
   }
   return fail;
@@ -320,7 +302,7 @@ static int check_dispatch(const lcycle *y, const lcase *c, int rank, const lbufs
 static int check_combine(const lcycle *y, const lcase *c, int rank, const lbufs *b) {
   int T = y->w.p.tokens[rank], H = c->H;
   uint16_t *g = to_host(b->combined, (size_t)(T + 1) * H * 2);
-  int fail = cmp(rank, "combined_x", EPX_ELEM_BF16, y->exp_combined, g, T, H);
+  int fail = epx_test_rank_compare(rank, "combined_x", EPX_ELEM_BF16, y->exp_combined, g, T, H);
   if (!epx_test_is_poisoned(g + (size_t)T * H, (size_t)H * 2)) {
     fprintf(stderr, "  rank %d: combined_x written past row T\n", rank);
     fail = 1;
@@ -333,7 +315,7 @@ static int check_stats(const lcase *c, int rank, const int *dstats, const int *e
   if (!c->stats) return 0;
   int el = c->E / c->R;
   int *g = to_host(dstats, sizeof(int) * el);
-  int fail = cmp(rank, "cumulative_local_expert_recv_stats", EPX_ELEM_I32, exp, g, 1, el);
+  int fail = epx_test_rank_compare(rank, "cumulative_local_expert_recv_stats", EPX_ELEM_I32, exp, g, 1, el);
   free(g);
   return fail;
 }
@@ -358,7 +340,7 @@ static int run_rank(int rank, int nranks, const epxUniqueId *id, void *arg) {
   epxComm_t comm;
   if (epx_test_comm_init(&comm, rank, nranks, id, &cfg)) return 1;
   epxHandle_t h = NULL;
-  int fail = expect(rank, comm, epxHandleCreate(comm, &h), "epxHandleCreate");
+  int fail = epx_test_expect_success(rank, comm, epxHandleCreate(comm, &h), "epxHandleCreate");
   lbufs b[2];
   bufs_alloc(&b[0], c);
   memset(&b[1], 0, sizeof b[1]);
@@ -369,9 +351,9 @@ static int run_rank(int rank, int nranks, const epxUniqueId *id, void *arg) {
   upload(dstats, stats_exp, sizeof(int) * el);
   void *zc = NULL;
   if (!fail && c->zero_copy) {
-    fail |= expect(rank, comm, epxLowLatencyGetCombineBuffer(comm, &zc), "epxLowLatencyGetCombineBuffer");
+    fail |= epx_test_expect_success(rank, comm, epxLowLatencyGetCombineBuffer(comm, &zc), "epxLowLatencyGetCombineBuffer");
     void *zc2 = NULL;
-    if (!fail) fail |= expect(rank, comm, epxLowLatencyGetCombineBuffer(comm, &zc2), "GetCombineBuffer again");
+    if (!fail) fail |= epx_test_expect_success(rank, comm, epxLowLatencyGetCombineBuffer(comm, &zc2), "GetCombineBuffer again");
     if (!fail && (zc == NULL || zc2 != zc)) fprintf(stderr, "  rank %d: combine buffer moved\n", rank), fail = 1;
   }
   int iters = c->iterations > 0 ? c->iterations : 1;
@@ -398,7 +380,7 @@ static int run_rank(int rank, int nranks, const epxUniqueId *id, void *arg) {
     /* Two handles, two buffer sets, four ops, no host synchronisation between
      * them (the uploads are stream-ordered copies). */
     epxHandle_t h2 = NULL;
-    fail |= expect(rank, comm, epxHandleCreate(comm, &h2), "epxHandleCreate");
+    fail |= epx_test_expect_success(rank, comm, epxHandleCreate(comm, &h2), "epxHandleCreate");
     for (int it = 0; it < iters && !fail; ++it) {
       lcycle y[2];
       memset(y, 0, sizeof y);

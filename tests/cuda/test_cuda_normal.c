@@ -94,26 +94,8 @@ static void make_problem(const ncase *c, epx_test_problem *p) {
   p->routing = c->routing;
   p->seed = c->seed;
   for (int r = 0; r < c->R; ++r) {
-    int t = c->T;
-    if (c->vary) t = c->T - (int)((int64_t)c->T * r / (2 * c->R)) - (r % 3);
-    if (t < 0) t = 0;
-    if (c->zero_mask & (1u << r)) t = 0;
-    p->tokens[r] = t;
+    p->tokens[r] = epx_test_case_tokens(c->T, r, c->R, c->vary, c->zero_mask);
   }
-}
-
-static int cmp(int rank, const char *what, epx_test_elem e, const void *exp, const void *got,
-               int64_t rows, int64_t cols) {
-  char name[160];
-  snprintf(name, sizeof name, "rank %d %s", rank, what);
-  return epx_test_compare(name, e, exp, got, rows, cols) != 0;
-}
-
-static int expect(int rank, epxComm_t comm, epxResult_t res, const char *what) {
-  if (res == epxSuccess) return 0;
-  fprintf(stderr, "  rank %d: %s returned %s: %s\n", rank, what, epxGetErrorString(res),
-          epxCommGetLastError(comm));
-  return 1;
 }
 
 /* The device copy of this rank's inputs. */
@@ -145,7 +127,7 @@ static int check_layout(epxComm_t comm, const epx_test_world *w, const dev_input
   int *per_expert = dalloc(sizeof(int) * E);
   uint8_t *in_rank = dalloc((size_t)T * R + 1);
   epxLayout_t lay = {per_rank, per_node, per_expert, in_rank};
-  int fail = expect(rank, comm,
+  int fail = epx_test_expect_success(rank, comm,
                     epxGetDispatchLayout(comm, d->topk, w->is_int64 ? epxInt64 : epxInt32, T,
                                          w->p.num_topk, &lay, g_stream),
                     "epxGetDispatchLayout");
@@ -157,10 +139,10 @@ static int check_layout(epxComm_t comm, const epx_test_world *w, const dev_input
     int *g_rank = to_host(per_rank, sizeof(int) * R), *g_node = to_host(per_node, sizeof(int) * nodes);
     int *g_expert = to_host(per_expert, sizeof(int) * E);
     uint8_t *g_in = to_host(in_rank, (size_t)T * R);
-    fail |= cmp(rank, "num_tokens_per_rank", EPX_ELEM_I32, e_rank, g_rank, 1, R);
-    fail |= cmp(rank, "num_tokens_per_node", EPX_ELEM_I32, e_node, g_node, 1, nodes);
-    fail |= cmp(rank, "num_tokens_per_expert", EPX_ELEM_I32, e_expert, g_expert, 1, E);
-    fail |= cmp(rank, "is_token_in_rank", EPX_ELEM_U8, e_in, g_in, T, R);
+    fail |= epx_test_rank_compare(rank, "num_tokens_per_rank", EPX_ELEM_I32, e_rank, g_rank, 1, R);
+    fail |= epx_test_rank_compare(rank, "num_tokens_per_node", EPX_ELEM_I32, e_node, g_node, 1, nodes);
+    fail |= epx_test_rank_compare(rank, "num_tokens_per_expert", EPX_ELEM_I32, e_expert, g_expert, 1, E);
+    fail |= epx_test_rank_compare(rank, "is_token_in_rank", EPX_ELEM_U8, e_in, g_in, T, R);
     free(e_rank), free(e_node), free(e_expert), free(e_in);
     free(g_rank), free(g_node), free(g_expert), free(g_in);
   }
@@ -263,7 +245,7 @@ static int check_dispatch(int rank, const epx_test_world *w, const dispatch_bufs
   int fail = 0;
   epx_test_elem xe = w->payload == EPX_PAYLOAD_BF16 ? EPX_ELEM_BF16 : EPX_ELEM_FP8;
   uint8_t *x = to_host(b->recv_x, rows * b->xrow);
-  fail |= cmp(rank, "recv_x", xe, ref->recv_x, x, N, H);
+  fail |= epx_test_rank_compare(rank, "recv_x", xe, ref->recv_x, x, N, H);
   if (b->cap > N && !epx_test_is_poisoned(x + (size_t)N * b->xrow, (size_t)(b->cap - N) * b->xrow)) {
     fprintf(stderr, "  rank %d: recv_x rows [%" PRId64 ", %" PRId64 ") were written\n", rank, N, b->cap);
     fail = 1;
@@ -271,33 +253,33 @@ static int check_dispatch(int rank, const epx_test_world *w, const dispatch_bufs
   free(x);
   if (b->srow) {
     void *s = to_host(b->recv_scales, rows * b->srow);
-    fail |= cmp(rank, "recv_x_scales", w->payload == EPX_PAYLOAD_FP8_F32 ? EPX_ELEM_F32 : EPX_ELEM_I32,
+    fail |= epx_test_rank_compare(rank, "recv_x_scales", w->payload == EPX_PAYLOAD_FP8_F32 ? EPX_ELEM_F32 : EPX_ELEM_I32,
                 ref->recv_x_scales, s, N, (int64_t)(b->srow / 4));
     free(s);
   }
   if (b->recv_topk_idx) {
     void *t = to_host(b->recv_topk_idx, rows * K * b->idx_es);
-    fail |= cmp(rank, "recv_topk_idx", w->is_int64 ? EPX_ELEM_I64 : EPX_ELEM_I32, ref->recv_topk_idx,
+    fail |= epx_test_rank_compare(rank, "recv_topk_idx", w->is_int64 ? EPX_ELEM_I64 : EPX_ELEM_I32, ref->recv_topk_idx,
                 t, rows_meta, K);
     free(t);
   }
   if (b->recv_weights) {
     void *t = to_host(b->recv_weights, rows * K * sizeof(float));
-    fail |= cmp(rank, "recv_topk_weights", EPX_ELEM_F32, ref->recv_topk_weights, t, rows_meta, K);
+    fail |= epx_test_rank_compare(rank, "recv_topk_weights", EPX_ELEM_F32, ref->recv_topk_weights, t, rows_meta, K);
     free(t);
   }
   int *src = to_host(b->recv_src_idx, rows * sizeof(int));
-  fail |= cmp(rank, "recv_src_idx", EPX_ELEM_I32, ref->recv_src_idx, src, rows_meta, 1);
+  fail |= epx_test_rank_compare(rank, "recv_src_idx", EPX_ELEM_I32, ref->recv_src_idx, src, rows_meta, 1);
   free(src);
   int *pre = to_host(b->recv_rank_prefix, sizeof(int) * R);
-  fail |= cmp(rank, "recv_rank_prefix", EPX_ELEM_I32, ref->recv_rank_prefix, pre, 1, R);
+  fail |= epx_test_rank_compare(rank, "recv_rank_prefix", EPX_ELEM_I32, ref->recv_rank_prefix, pre, 1, R);
   free(pre);
   int *pe = to_host(b->per_expert, sizeof(int) * el);
-  fail |= cmp(rank, "num_recv_tokens_per_expert", EPX_ELEM_I32, ref->num_recv_tokens_per_expert, pe, 1, el);
+  fail |= epx_test_rank_compare(rank, "num_recv_tokens_per_expert", EPX_ELEM_I32, ref->num_recv_tokens_per_expert, pe, 1, el);
   free(pe);
   int *nr = to_host(b->num_recv, sizeof(int));
   int n32 = (int)N;
-  fail |= cmp(rank, "num_recv_tokens", EPX_ELEM_I32, &n32, nr, 1, 1);
+  fail |= epx_test_rank_compare(rank, "num_recv_tokens", EPX_ELEM_I32, &n32, nr, 1, 1);
   free(nr);
   return fail;
 }
@@ -340,13 +322,13 @@ static int combine_and_check(epxComm_t comm, const epx_test_world *w, int rank, 
   a.hidden = H;
   a.num_topk = K;
   epxCombineOutputs_t o = {out_x, c->comb_weights ? out_w : NULL};
-  int fail = expect(rank, comm, epxCombine(comm, &a, h, &o, g_stream), "epxCombine");
+  int fail = epx_test_expect_success(rank, comm, epxCombine(comm, &a, h, &o, g_stream), "epxCombine");
   if (!fail) {
     uint16_t *gx = to_host(out_x, (size_t)T * H * 2);
     float *gw = to_host(out_w, (size_t)(T + 1) * K * sizeof(float));
-    fail |= cmp(rank, "combined_x", EPX_ELEM_BF16, exp_x, gx, T, H);
+    fail |= epx_test_rank_compare(rank, "combined_x", EPX_ELEM_BF16, exp_x, gx, T, H);
     if (c->comb_weights)
-      fail |= cmp(rank, "combined_topk_weights", EPX_ELEM_F32, exp_w, gw, T, K);
+      fail |= epx_test_rank_compare(rank, "combined_topk_weights", EPX_ELEM_F32, exp_w, gw, T, K);
     else if (!epx_test_is_poisoned(gw, (size_t)(T + 1) * K * sizeof(float)))
       fprintf(stderr, "  rank %d: combined_topk_weights not requested but written\n", rank), fail = 1;
     free(gx), free(gw);
@@ -371,7 +353,7 @@ static int graph_dispatch(epxComm_t comm, const epx_test_world *w, int rank, con
   CK(cudaStreamBeginCapture(g_stream, cudaStreamCaptureModeRelaxed));
   epxResult_t res = epxDispatch(comm, a, h, &out, g_stream);
   CK(cudaStreamEndCapture(g_stream, &graph));
-  if (expect(rank, comm, res, "epxDispatch (captured)")) return 1;
+  if (epx_test_expect_success(rank, comm, res, "epxDispatch (captured)")) return 1;
   CK(cudaGraphInstantiate(&exec, graph, 0));
   int fail = 0;
   for (int i = 0; i < c->graph && !fail; ++i) {
@@ -403,13 +385,13 @@ static int cycle(epxComm_t comm, epx_test_world *w, dev_inputs *d, int rank, con
     int64_t n = -7;
     int cnt[4096];
     memset(cnt, 0xa5, sizeof cnt);
-    fail |= expect(rank, comm, epxDispatchNotify(comm, &a, h, &n, cnt, g_stream), "epxDispatchNotify");
+    fail |= epx_test_expect_success(rank, comm, epxDispatchNotify(comm, &a, h, &n, cnt, g_stream), "epxDispatchNotify");
     if (!fail) {
       if (n != ref.num_recv) {
         fprintf(stderr, "  rank %d: notify N_recv %" PRId64 ", expected %" PRId64 "\n", rank, n, ref.num_recv);
         fail = 1;
       }
-      fail |= cmp(rank, "notify num_recv_tokens_per_expert", EPX_ELEM_I32, ref.num_recv_tokens_per_expert,
+      fail |= epx_test_rank_compare(rank, "notify num_recv_tokens_per_expert", EPX_ELEM_I32, ref.num_recv_tokens_per_expert,
                   cnt, 1, el);
     }
   } else {
@@ -423,7 +405,7 @@ static int cycle(epxComm_t comm, epx_test_world *w, dev_inputs *d, int rank, con
       fail |= graph_dispatch(comm, w, rank, c, h, &a, &b, &ref, num_worst);
     } else {
       epxDispatchOutputs_t out = bufs_outputs(&b);
-      fail |= expect(rank, comm, epxDispatch(comm, &a, h, &out, g_stream), "epxDispatch");
+      fail |= epx_test_expect_success(rank, comm, epxDispatch(comm, &a, h, &out, g_stream), "epxDispatch");
       if (!fail) fail |= check_dispatch(rank, w, &b, &ref, worst ? num_worst : ref.num_recv);
     }
   }
@@ -443,7 +425,7 @@ static int cycle(epxComm_t comm, epx_test_world *w, dev_inputs *d, int rank, con
     dispatch_bufs b2;
     bufs_alloc(&b2, w, ref2.num_recv, with_topk, with_topk && c->weights);
     epxDispatchOutputs_t out2 = bufs_outputs(&b2);
-    fail |= expect(rank, comm, epxDispatch(comm, &a2, h, &out2, g_stream), "cached epxDispatch");
+    fail |= epx_test_expect_success(rank, comm, epxDispatch(comm, &a2, h, &out2, g_stream), "cached epxDispatch");
     if (!fail) fail |= check_dispatch(rank, w, &b2, &ref2, ref2.num_recv);
     bufs_free(&b2);
     if (!fail) fail |= combine_and_check(comm, w, rank, c, h, &ref2, c->seed * 37 + 1);
@@ -474,14 +456,14 @@ static int run_rank(int rank, int nranks, const epxUniqueId *id, void *arg) {
   int layout_fail = check_layout(comm, &w, &d, rank);
   int fail = 0;
   epxHandle_t h = NULL;
-  if (!fail) fail |= expect(rank, comm, epxHandleCreate(comm, &h), "epxHandleCreate");
+  if (!fail) fail |= epx_test_expect_success(rank, comm, epxHandleCreate(comm, &h), "epxHandleCreate");
   int iters = c->iterations > 0 ? c->iterations : 1;
   for (int it = 0; it < iters && !fail; ++it) {
     if (it > 0) {
       epx_test_world_new_payload(&w, c->seed + 1000 + (uint64_t)it);
       inputs_free(&d);
       inputs_upload(&d, &w, rank);
-      fail |= expect(rank, comm, epxHandleReset(h), "epxHandleReset");
+      fail |= epx_test_expect_success(rank, comm, epxHandleReset(h), "epxHandleReset");
       if (fail) break;
     }
     fail |= cycle(comm, &w, &d, rank, c, h, it);
@@ -552,7 +534,7 @@ static int run_fault(int rank, int nranks, const epxUniqueId *id, void *arg) {
   dev_inputs d;
   inputs_upload(&d, &w, rank);
   epxHandle_t h = NULL;
-  int fail = expect(rank, comm, epxHandleCreate(comm, &h), "epxHandleCreate");
+  int fail = epx_test_expect_success(rank, comm, epxHandleCreate(comm, &h), "epxHandleCreate");
   epxDispatchArgs_t a = make_args(&w, &d, rank, c);
   int64_t n = -7;
   int cnt[64];

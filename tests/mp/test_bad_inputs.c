@@ -88,20 +88,6 @@ typedef struct bcase {
 
 /* ------------------------------------------------------------ helpers */
 
-static int expect_ok(int rank, epxComm_t comm, epxResult_t res, const char *what) {
-  if (res == epxSuccess) return 0;
-  fprintf(stderr, "  rank %d: %s returned %s: %s\n", rank, what, epxGetErrorString(res),
-          epxCommGetLastError(comm));
-  return 1;
-}
-
-static int cmp(int rank, const char *what, epx_test_elem e, const void *exp, const void *got,
-               int64_t rows, int64_t cols) {
-  char name[160];
-  snprintf(name, sizeof name, "rank %d %s", rank, what);
-  return epx_test_compare(name, e, exp, got, rows, cols) != 0;
-}
-
 /* The faulty rank must see `want` and a message containing `msg`; the others
  * epxRemoteError (or `want` too when every rank is faulty). */
 static int check_bad_result(int rank, const bcase *c, epxComm_t comm, epxResult_t res,
@@ -319,21 +305,21 @@ static int check_dispatch_exact(int rank, const epx_test_world *w, nbufs *b,
                                  const epx_ref_dispatch_result *ref, int64_t rows_meta) {
   int K = w->p.num_topk, R = w->p.nranks, el = w->p.num_experts / R;
   int64_t N = ref->num_recv;
-  int f = cmp(rank, "recv_x", w->payload == EPX_PAYLOAD_BF16 ? EPX_ELEM_BF16 : EPX_ELEM_FP8,
+  int f = epx_test_rank_compare(rank, "recv_x", w->payload == EPX_PAYLOAD_BF16 ? EPX_ELEM_BF16 : EPX_ELEM_FP8,
               ref->recv_x, b->recv_x, N, w->p.hidden);
   if (b->srow)
-    f |= cmp(rank, "recv_x_scales", EPX_ELEM_I32, ref->recv_x_scales, b->scales, N,
+    f |= epx_test_rank_compare(rank, "recv_x_scales", EPX_ELEM_I32, ref->recv_x_scales, b->scales, N,
              (int64_t)b->srow / 4);
-  f |= cmp(rank, "recv_topk_idx", w->is_int64 ? EPX_ELEM_I64 : EPX_ELEM_I32, ref->recv_topk_idx,
+  f |= epx_test_rank_compare(rank, "recv_topk_idx", w->is_int64 ? EPX_ELEM_I64 : EPX_ELEM_I32, ref->recv_topk_idx,
            b->topk, rows_meta, K);
-  f |= cmp(rank, "recv_topk_weights", EPX_ELEM_F32, ref->recv_topk_weights, b->weights, rows_meta,
+  f |= epx_test_rank_compare(rank, "recv_topk_weights", EPX_ELEM_F32, ref->recv_topk_weights, b->weights, rows_meta,
            K);
-  f |= cmp(rank, "recv_src_idx", EPX_ELEM_I32, ref->recv_src_idx, b->src, rows_meta, 1);
-  f |= cmp(rank, "recv_rank_prefix", EPX_ELEM_I32, ref->recv_rank_prefix, b->prefix, 1, R);
-  f |= cmp(rank, "num_recv_tokens_per_expert", EPX_ELEM_I32, ref->num_recv_tokens_per_expert,
+  f |= epx_test_rank_compare(rank, "recv_src_idx", EPX_ELEM_I32, ref->recv_src_idx, b->src, rows_meta, 1);
+  f |= epx_test_rank_compare(rank, "recv_rank_prefix", EPX_ELEM_I32, ref->recv_rank_prefix, b->prefix, 1, R);
+  f |= epx_test_rank_compare(rank, "num_recv_tokens_per_expert", EPX_ELEM_I32, ref->num_recv_tokens_per_expert,
            b->per_expert, 1, el);
   int n32 = (int)N;
-  f |= cmp(rank, "num_recv_tokens", EPX_ELEM_I32, &n32, b->num_recv, 1, 1);
+  f |= epx_test_rank_compare(rank, "num_recv_tokens", EPX_ELEM_I32, &n32, b->num_recv, 1, 1);
   return f;
 }
 
@@ -395,8 +381,8 @@ static epxCombineArgs_t comb_args(comb *c, const epx_test_world *w, int rank) {
 
 static int comb_check(int rank, comb *c, const epx_test_world *w) {
   int T = w->p.tokens[rank];
-  int f = cmp(rank, "combined_x", EPX_ELEM_BF16, c->expect_x, c->out_x, T, w->p.hidden);
-  f |= cmp(rank, "combined_topk_weights", EPX_ELEM_F32, c->expect_w, c->out_w, T, w->p.num_topk);
+  int f = epx_test_rank_compare(rank, "combined_x", EPX_ELEM_BF16, c->expect_x, c->out_x, T, w->p.hidden);
+  f |= epx_test_rank_compare(rank, "combined_topk_weights", EPX_ELEM_F32, c->expect_w, c->out_w, T, w->p.num_topk);
   return f;
 }
 
@@ -416,7 +402,7 @@ static int run_normal(int rank, const bcase *c, epxComm_t comm, epx_test_world *
   scratch s = {NULL, NULL, NULL};
   epxHandle_t h = NULL, h_other = NULL;
   epxComm_t other = NULL;
-  f |= expect_ok(rank, comm, epxHandleCreate(comm, &h), "epxHandleCreate");
+  f |= epx_test_expect_success(rank, comm, epxHandleCreate(comm, &h), "epxHandleCreate");
   int64_t num_worst = (int64_t)R * BI_T;
   epx_ref_dispatch_opts ro = {dispatch_args(w, rank).x_type, dispatch_args(w, rank).scale_format,
                               1, c->op == OP_DISPATCH_WORST ? num_worst : 0};
@@ -430,13 +416,13 @@ static int run_normal(int rank, const bcase *c, epxComm_t comm, epx_test_world *
   if (f) goto done;
 
   if (faulty && c->mut == M_EMPTY_HANDLE)
-    f |= expect_ok(rank, comm, epxHandleCreate(comm, &h_other), "epxHandleCreate (2nd)");
+    f |= epx_test_expect_success(rank, comm, epxHandleCreate(comm, &h_other), "epxHandleCreate (2nd)");
   if (faulty && c->mut == M_FOREIGN_HANDLE) {
     epxConfig_t oc = epx_test_config(&w->p, 0);
     oc.ranks_per_node = 0;
     epxResult_t r = epxCommInitRankWithAllGather(&other, 1, 0, self_allgather, NULL, &oc);
-    f |= expect_ok(rank, NULL, r, "epxCommInitRankWithAllGather (private comm)");
-    if (!f) f |= expect_ok(rank, other, epxHandleCreate(other, &h_other), "epxHandleCreate (other)");
+    f |= epx_test_expect_success(rank, NULL, r, "epxCommInitRankWithAllGather (private comm)");
+    if (!f) f |= epx_test_expect_success(rank, other, epxHandleCreate(other, &h_other), "epxHandleCreate (other)");
   }
   if (f) goto done;
   epxHandle_t h_bad = h_other ? h_other : h;
@@ -445,14 +431,14 @@ static int run_normal(int rank, const bcase *c, epxComm_t comm, epx_test_world *
   if (c->op == OP_DISPATCH || c->op == OP_COMBINE) {
     epxDispatchArgs_t a = dispatch_args(w, rank);
     int64_t n = -1;
-    f |= expect_ok(rank, comm, epxDispatchNotify(comm, &a, h, &n, NULL, NULL), "epxDispatchNotify");
+    f |= epx_test_expect_success(rank, comm, epxDispatchNotify(comm, &a, h, &n, NULL, NULL), "epxDispatchNotify");
     if (f) goto done;
   }
   if (c->op == OP_COMBINE) {
     nbufs_poison(&b, w);
     epxDispatchArgs_t a = dispatch_args(w, rank);
     epxDispatchOutputs_t o = nbufs_outputs(&b);
-    f |= expect_ok(rank, comm, epxDispatch(comm, &a, h, &o, NULL), "epxDispatch");
+    f |= epx_test_expect_success(rank, comm, epxDispatch(comm, &a, h, &o, NULL), "epxDispatch");
     if (!f) f |= check_dispatch_exact(rank, w, &b, &ref, ref.num_recv);
     if (f) goto done;
   }
@@ -508,7 +494,7 @@ static int run_normal(int rank, const bcase *c, epxComm_t comm, epx_test_world *
     epxDispatchArgs_t a = dispatch_args(w, rank);
     if (c->op == OP_NOTIFY) {
       int64_t n = -1;
-      f |= expect_ok(rank, comm, epxDispatchNotify(comm, &a, h, &n, NULL, NULL),
+      f |= epx_test_expect_success(rank, comm, epxDispatchNotify(comm, &a, h, &n, NULL, NULL),
                      "epxDispatchNotify after the failed call");
       if (!f && n != ref.num_recv) {
         fprintf(stderr, "  rank %d: N_recv %" PRId64 ", expected %" PRId64 "\n", rank, n,
@@ -521,20 +507,20 @@ static int run_normal(int rank, const bcase *c, epxComm_t comm, epx_test_world *
     if (f) goto done;
     nbufs_poison(&b, w);
     epxDispatchOutputs_t o = nbufs_outputs(&b);
-    f |= expect_ok(rank, comm, epxDispatch(comm, &a, h, &o, NULL), "epxDispatch after the failed call");
+    f |= epx_test_expect_success(rank, comm, epxDispatch(comm, &a, h, &o, NULL), "epxDispatch after the failed call");
     if (!f) f |= check_dispatch_exact(rank, w, &b, &ref, cap);
   } else if (c->op == OP_DISPATCH) {
     nbufs_poison(&b, w);
     epxDispatchArgs_t a = dispatch_args(w, rank);
     epxDispatchOutputs_t o = nbufs_outputs(&b);
-    f |= expect_ok(rank, comm, epxDispatch(comm, &a, h, &o, NULL), "epxDispatch after the failed call");
+    f |= epx_test_expect_success(rank, comm, epxDispatch(comm, &a, h, &o, NULL), "epxDispatch after the failed call");
     if (!f) f |= check_dispatch_exact(rank, w, &b, &ref, ref.num_recv);
   }
   if (f) goto done;
   {
     epxCombineArgs_t a = comb_args(&cb, w, rank);
     epxCombineOutputs_t o = {cb.out_x, cb.out_w};
-    f |= expect_ok(rank, comm, epxCombine(comm, &a, h, &o, NULL), "epxCombine after the failed call");
+    f |= epx_test_expect_success(rank, comm, epxCombine(comm, &a, h, &o, NULL), "epxCombine after the failed call");
     if (!f) f |= comb_check(rank, &cb, w);
   }
 done:
@@ -608,9 +594,9 @@ static int run_ll(int rank, const bcase *c, epxComm_t comm, epx_test_world *w) {
   uint16_t *got_x = epx_test_xaligned((size_t)(T + 1) * H * 2);
   epx_ref_ll_combine(&w->ref, rank, BI_LLT, (const uint16_t *const *)outs, w->weights[rank], exp_x);
 
-  f |= expect_ok(rank, comm, epxHandleCreate(comm, &h), "epxHandleCreate");
+  f |= epx_test_expect_success(rank, comm, epxHandleCreate(comm, &h), "epxHandleCreate");
   if (!f && faulty && c->mut == M_EMPTY_HANDLE)
-    f |= expect_ok(rank, comm, epxHandleCreate(comm, &h_empty), "epxHandleCreate (2nd)");
+    f |= epx_test_expect_success(rank, comm, epxHandleCreate(comm, &h_empty), "epxHandleCreate (2nd)");
   if (f) goto done;
 
   epxLowLatencyDispatchArgs_t da;
@@ -665,7 +651,7 @@ static int run_ll(int rank, const bcase *c, epxComm_t comm, epx_test_world *w) {
   /* valid dispatch, exact */
   lbufs_poison(&b, el, R);
   if (c->op == OP_LL_PENDING) da.return_recv_hook = 1;
-  f |= expect_ok(rank, comm, epxLowLatencyDispatch(comm, &da, h, &lo, NULL), "epxLowLatencyDispatch");
+  f |= epx_test_expect_success(rank, comm, epxLowLatencyDispatch(comm, &da, h, &lo, NULL), "epxLowLatencyDispatch");
   if (!f && c->op == OP_LL_PENDING) {
     /* the misuse: a call on the handle while its receive is pending */
     epxResult_t r;
@@ -702,17 +688,17 @@ static int run_ll(int rank, const bcase *c, epxComm_t comm, epx_test_world *w) {
       free(b2.range);
     }
   }
-  if (!f && da.return_recv_hook) f |= expect_ok(rank, comm, epxLowLatencyRecv(comm, h, NULL), "epxLowLatencyRecv");
+  if (!f && da.return_recv_hook) f |= epx_test_expect_success(rank, comm, epxLowLatencyRecv(comm, h, NULL), "epxLowLatencyRecv");
   if (f) goto done;
-  f |= cmp(rank, "ll recv_count", EPX_ELEM_I32, ref.recv_count, b.count, 1, el);
-  f |= cmp(rank, "ll recv_layout_range", EPX_ELEM_I64, ref.recv_layout_range, b.range, el, R);
+  f |= epx_test_rank_compare(rank, "ll recv_count", EPX_ELEM_I32, ref.recv_count, b.count, 1, el);
+  f |= epx_test_rank_compare(rank, "ll recv_layout_range", EPX_ELEM_I64, ref.recv_layout_range, b.range, el, R);
   for (int e = 0; e < el && !f; ++e) {
     size_t at = (size_t)e * (size_t)b.rpe;
-    f |= cmp(rank, "ll recv_x", EPX_ELEM_FP8, (uint8_t *)ref.recv_x + at * b.xrow,
+    f |= epx_test_rank_compare(rank, "ll recv_x", EPX_ELEM_FP8, (uint8_t *)ref.recv_x + at * b.xrow,
              (uint8_t *)b.recv_x + at * b.xrow, ref.recv_count[e], H);
-    f |= cmp(rank, "ll recv_x_scales", EPX_ELEM_F32, (uint8_t *)ref.recv_x_scales + at * b.srow,
+    f |= epx_test_rank_compare(rank, "ll recv_x_scales", EPX_ELEM_F32, (uint8_t *)ref.recv_x_scales + at * b.srow,
              (uint8_t *)b.scales + at * b.srow, ref.recv_count[e], (int64_t)b.srow / 4);
-    f |= cmp(rank, "ll recv_src_info", EPX_ELEM_I32, ref.recv_src_info + at, b.src + at,
+    f |= epx_test_rank_compare(rank, "ll recv_src_info", EPX_ELEM_I32, ref.recv_src_info + at, b.src + at,
              ref.recv_count[e], 1);
   }
   if (f) goto done;
@@ -743,10 +729,10 @@ static int run_ll(int rank, const bcase *c, epxComm_t comm, epx_test_world *w) {
     if (f) goto done;
   }
   epx_test_poison(got_x, (size_t)(T + 1) * H * 2);
-  f |= expect_ok(rank, comm, epxLowLatencyCombine(comm, &ca, h, got_x, NULL), "epxLowLatencyCombine");
+  f |= epx_test_expect_success(rank, comm, epxLowLatencyCombine(comm, &ca, h, got_x, NULL), "epxLowLatencyCombine");
   if (!f && ca.return_recv_hook)
-    f |= expect_ok(rank, comm, epxLowLatencyRecv(comm, h, NULL), "epxLowLatencyRecv (combine)");
-  if (!f) f |= cmp(rank, "ll combined_x", EPX_ELEM_BF16, exp_x, got_x, T, H);
+    f |= epx_test_expect_success(rank, comm, epxLowLatencyRecv(comm, h, NULL), "epxLowLatencyRecv (combine)");
+  if (!f) f |= epx_test_rank_compare(rank, "ll combined_x", EPX_ELEM_BF16, exp_x, got_x, T, H);
 done:
   epxHandleDestroy(h);
   epxHandleDestroy(h_empty);
@@ -798,12 +784,12 @@ static int run_layout(int rank, const bcase *c, epxComm_t comm, epx_test_world *
   if (!f) {
     r = epxGetDispatchLayout(comm, w->topk[rank], w->is_int64 ? epxInt64 : epxInt32, T, K, &lay,
                              NULL);
-    f |= expect_ok(rank, comm, r, "epxGetDispatchLayout after the failed call");
+    f |= epx_test_expect_success(rank, comm, r, "epxGetDispatchLayout after the failed call");
     epx_ref_layout(&w->ref, rank, e_rank, NULL, e_expert, e_in);
     if (!f) {
-      f |= cmp(rank, "num_tokens_per_rank", EPX_ELEM_I32, e_rank, per_rank, 1, R);
-      f |= cmp(rank, "num_tokens_per_expert", EPX_ELEM_I32, e_expert, per_expert, 1, E);
-      f |= cmp(rank, "is_token_in_rank", EPX_ELEM_U8, e_in, in_rank, T, R);
+      f |= epx_test_rank_compare(rank, "num_tokens_per_rank", EPX_ELEM_I32, e_rank, per_rank, 1, R);
+      f |= epx_test_rank_compare(rank, "num_tokens_per_expert", EPX_ELEM_I32, e_expert, per_expert, 1, E);
+      f |= epx_test_rank_compare(rank, "is_token_in_rank", EPX_ELEM_U8, e_in, in_rank, T, R);
     }
   }
   free(bad);

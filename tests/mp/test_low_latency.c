@@ -46,26 +46,8 @@ static void make_problem(const lcase *c, epx_test_problem *p, uint64_t seed) {
   p->routing = c->routing;
   p->seed = seed;
   for (int r = 0; r < c->R; ++r) {
-    int t = c->T;
-    if (c->vary) t = c->T - (int)((int64_t)c->T * r / (2 * c->R)) - (r % 3);
-    if (t < 0) t = 0;
-    if (c->zero_mask & (1u << r)) t = 0;
-    p->tokens[r] = t;
+    p->tokens[r] = epx_test_case_tokens(c->T, r, c->R, c->vary, c->zero_mask);
   }
-}
-
-static int cmp(int rank, const char *what, epx_test_elem e, const void *exp, const void *got,
-               int64_t rows, int64_t cols) {
-  char name[160];
-  snprintf(name, sizeof name, "rank %d %s", rank, what);
-  return epx_test_compare(name, e, exp, got, rows, cols) != 0;
-}
-
-static int expect(int rank, epxComm_t comm, epxResult_t res, const char *what) {
-  if (res == epxSuccess) return 0;
-  fprintf(stderr, "  rank %d: %s returned %s: %s\n", rank, what, epxGetErrorString(res),
-          epxCommGetLastError(comm));
-  return 1;
 }
 
 static int check_pending(int rank, epxHandle_t h, int want) {
@@ -148,34 +130,34 @@ static int one_cycle(epxComm_t comm, const lcase *c, int rank, epxHandle_t h, ll
   a.cumulative_local_expert_recv_stats = c->stats ? stats : NULL;
   a.return_recv_hook = c->hook_dispatch;
   epxLowLatencyDispatchOutputs_t o = {b->recv_x, b->scales, b->count, b->src_info, b->range};
-  fail |= expect(rank, comm, epxLowLatencyDispatch(comm, &a, h, &o, NULL), "epxLowLatencyDispatch");
+  fail |= epx_test_expect_success(rank, comm, epxLowLatencyDispatch(comm, &a, h, &o, NULL), "epxLowLatencyDispatch");
   if (!fail && c->hook_dispatch) {
     fail |= check_pending(rank, h, 1);
-    if (!fail) fail |= expect(rank, comm, epxLowLatencyRecv(comm, h, NULL), "epxLowLatencyRecv");
+    if (!fail) fail |= epx_test_expect_success(rank, comm, epxLowLatencyRecv(comm, h, NULL), "epxLowLatencyRecv");
   }
   if (!fail) fail |= check_pending(rank, h, 0);
   if (!fail) {
-    fail |= cmp(rank, "recv_count", EPX_ELEM_I32, ref.recv_count, b->count, 1, el);
-    fail |= cmp(rank, "recv_layout_range", EPX_ELEM_I64, ref.recv_layout_range, b->range, el, R);
+    fail |= epx_test_rank_compare(rank, "recv_count", EPX_ELEM_I32, ref.recv_count, b->count, 1, el);
+    fail |= epx_test_rank_compare(rank, "recv_layout_range", EPX_ELEM_I64, ref.recv_layout_range, b->range, el, R);
     for (int e = 0; e < el && !fail; ++e) {
       int n = ref.recv_count[e];
       size_t at = (size_t)e * (size_t)b->rpe;
       char what[64];
       snprintf(what, sizeof what, "expert %d recv_x", e);
-      fail |= cmp(rank, what, c->fp8 ? EPX_ELEM_FP8 : EPX_ELEM_BF16,
+      fail |= epx_test_rank_compare(rank, what, c->fp8 ? EPX_ELEM_FP8 : EPX_ELEM_BF16,
                   (uint8_t *)ref.recv_x + at * b->xrow, (uint8_t *)b->recv_x + at * b->xrow, n, H);
       if (c->fp8) {
         snprintf(what, sizeof what, "expert %d recv_x_scales", e);
-        fail |= cmp(rank, what, c->ue8m0 ? EPX_ELEM_I32 : EPX_ELEM_F32,
+        fail |= epx_test_rank_compare(rank, what, c->ue8m0 ? EPX_ELEM_I32 : EPX_ELEM_F32,
                     (uint8_t *)ref.recv_x_scales + at * b->srow,
                     (uint8_t *)b->scales + at * b->srow, n, (int64_t)(b->srow / 4));
       }
       snprintf(what, sizeof what, "expert %d recv_src_info", e);
-      fail |= cmp(rank, what, EPX_ELEM_I32, ref.recv_src_info + at, b->src_info + at, n, 1);
+      fail |= epx_test_rank_compare(rank, what, EPX_ELEM_I32, ref.recv_src_info + at, b->src_info + at, n, 1);
     }
     if (c->stats) {
       for (int e = 0; e < el; ++e) stats_expected[e] += ref.recv_count[e];
-      fail |= cmp(rank, "cumulative_local_expert_recv_stats", EPX_ELEM_I32, stats_expected, stats,
+      fail |= epx_test_rank_compare(rank, "cumulative_local_expert_recv_stats", EPX_ELEM_I32, stats_expected, stats,
                   1, el);
     }
   }
@@ -210,7 +192,7 @@ static int one_cycle(epxComm_t comm, const lcase *c, int rank, epxHandle_t h, ll
     ca.return_recv_hook = c->hook_combine;
     if (c->zero_copy) {
       void *buf = NULL;
-      fail |= expect(rank, comm, epxLowLatencyGetCombineBuffer(comm, &buf),
+      fail |= epx_test_expect_success(rank, comm, epxLowLatencyGetCombineBuffer(comm, &buf),
                      "epxLowLatencyGetCombineBuffer");
       if (!fail && !buf) {
         fprintf(stderr, "  rank %d: epxLowLatencyGetCombineBuffer gave NULL\n", rank);
@@ -230,15 +212,15 @@ static int one_cycle(epxComm_t comm, const lcase *c, int rank, epxHandle_t h, ll
       }
     }
     if (!fail)
-      fail |= expect(rank, comm, epxLowLatencyCombine(comm, &ca, h, got_x, NULL),
+      fail |= epx_test_expect_success(rank, comm, epxLowLatencyCombine(comm, &ca, h, got_x, NULL),
                      "epxLowLatencyCombine");
     if (!fail && c->hook_combine) {
       fail |= check_pending(rank, h, 1);
       if (!fail)
-        fail |= expect(rank, comm, epxLowLatencyRecv(comm, h, NULL), "epxLowLatencyRecv (combine)");
+        fail |= epx_test_expect_success(rank, comm, epxLowLatencyRecv(comm, h, NULL), "epxLowLatencyRecv (combine)");
       if (!fail) fail |= check_pending(rank, h, 0);
     }
-    if (!fail) fail |= cmp(rank, "combined_x", EPX_ELEM_BF16, exp_x, got_x, T, H);
+    if (!fail) fail |= epx_test_rank_compare(rank, "combined_x", EPX_ELEM_BF16, exp_x, got_x, T, H);
     if (!fail && !epx_test_is_poisoned((uint8_t *)got_x + (size_t)T * H * 2, (size_t)H * 2)) {
       fprintf(stderr, "  rank %d: combined_x written past row T\n", rank);
       fail = 1;
@@ -262,7 +244,7 @@ static int run_rank(int rank, int nranks, const epxUniqueId *id, void *arg) {
   epxComm_t comm;
   if (epx_test_comm_init(&comm, rank, nranks, id, &cfg)) return 1;
   epxHandle_t h = NULL;
-  int fail = expect(rank, comm, epxHandleCreate(comm, &h), "epxHandleCreate");
+  int fail = epx_test_expect_success(rank, comm, epxHandleCreate(comm, &h), "epxHandleCreate");
   ll_bufs b;
   memset(&b, 0, sizeof b);
   b.xrow = epx_payload_row_bytes(c->H, c->fp8);

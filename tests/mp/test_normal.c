@@ -51,29 +51,11 @@ static void make_problem(const ncase *c, epx_test_problem *p) {
   p->routing = c->routing;
   p->seed = c->seed;
   for (int r = 0; r < c->R; ++r) {
-    int t = c->T;
-    if (c->vary) t = c->T - (int)((int64_t)c->T * r / (2 * c->R)) - (r % 3);
-    if (t < 0) t = 0;
-    if (c->zero_mask & (1u << r)) t = 0;
-    p->tokens[r] = t;
+    p->tokens[r] = epx_test_case_tokens(c->T, r, c->R, c->vary, c->zero_mask);
   }
 }
 
 /* Compares and prefixes the message with the rank and the output's name. */
-static int cmp(int rank, const char *what, epx_test_elem e, const void *exp, const void *got,
-               int64_t rows, int64_t cols) {
-  char name[160];
-  snprintf(name, sizeof name, "rank %d %s", rank, what);
-  return epx_test_compare(name, e, exp, got, rows, cols) != 0;
-}
-
-static int expect(int rank, epxComm_t comm, epxResult_t res, const char *what) {
-  if (res == epxSuccess) return 0;
-  fprintf(stderr, "  rank %d: %s returned %s: %s\n", rank, what, epxGetErrorString(res),
-          epxCommGetLastError(comm));
-  return 1;
-}
-
 static int check_layout(epxComm_t comm, const epx_test_world *w, int rank) {
   int R = w->p.nranks, E = w->p.num_experts, T = w->p.tokens[rank];
   int nodes = R / epx_test_ranks_per_node(&w->p);
@@ -88,26 +70,26 @@ static int check_layout(epxComm_t comm, const epx_test_world *w, int rank) {
   epx_test_poison(per_expert, sizeof(int) * E);
   epx_test_poison(in_rank, (size_t)T * R);
   epxLayout_t lay = {per_rank, per_node, per_expert, in_rank};
-  int fail = expect(rank, comm,
+  int fail = epx_test_expect_success(rank, comm,
                     epxGetDispatchLayout(comm, w->topk[rank], w->is_int64 ? epxInt64 : epxInt32, T,
                                          w->p.num_topk, &lay, NULL),
                     "epxGetDispatchLayout");
   if (!fail) {
     epx_ref_layout(&w->ref, rank, e_rank, e_node, e_expert, e_in);
-    fail |= cmp(rank, "num_tokens_per_rank", EPX_ELEM_I32, e_rank, per_rank, 1, R);
-    fail |= cmp(rank, "num_tokens_per_node", EPX_ELEM_I32, e_node, per_node, 1, nodes);
-    fail |= cmp(rank, "num_tokens_per_expert", EPX_ELEM_I32, e_expert, per_expert, 1, E);
-    fail |= cmp(rank, "is_token_in_rank", EPX_ELEM_U8, e_in, in_rank, T, R);
+    fail |= epx_test_rank_compare(rank, "num_tokens_per_rank", EPX_ELEM_I32, e_rank, per_rank, 1, R);
+    fail |= epx_test_rank_compare(rank, "num_tokens_per_node", EPX_ELEM_I32, e_node, per_node, 1, nodes);
+    fail |= epx_test_rank_compare(rank, "num_tokens_per_expert", EPX_ELEM_I32, e_expert, per_expert, 1, E);
+    fail |= epx_test_rank_compare(rank, "is_token_in_rank", EPX_ELEM_U8, e_in, in_rank, T, R);
   }
   /* without the optional per-node output */
   if (!fail) {
     lay.num_tokens_per_node = NULL;
     epx_test_poison(per_rank, sizeof(int) * R);
-    fail |= expect(rank, comm,
+    fail |= epx_test_expect_success(rank, comm,
                    epxGetDispatchLayout(comm, w->topk[rank], w->is_int64 ? epxInt64 : epxInt32, T,
                                         w->p.num_topk, &lay, NULL),
                    "epxGetDispatchLayout without per-node counts");
-    if (!fail) fail |= cmp(rank, "num_tokens_per_rank (2nd)", EPX_ELEM_I32, e_rank, per_rank, 1, R);
+    if (!fail) fail |= epx_test_rank_compare(rank, "num_tokens_per_rank (2nd)", EPX_ELEM_I32, e_rank, per_rank, 1, R);
   }
   free(per_rank);
   free(per_node);
@@ -216,9 +198,9 @@ static int check_dispatch(int rank, const epx_test_world *w, const dispatch_bufs
   int64_t N = ref->num_recv;
   int fail = 0;
   epx_test_elem xe = w->payload == EPX_PAYLOAD_BF16 ? EPX_ELEM_BF16 : EPX_ELEM_FP8;
-  fail |= cmp(rank, "recv_x", xe, ref->recv_x, b->recv_x, N, H);
+  fail |= epx_test_rank_compare(rank, "recv_x", xe, ref->recv_x, b->recv_x, N, H);
   if (b->srow)
-    fail |= cmp(rank, "recv_x_scales", w->payload == EPX_PAYLOAD_FP8_F32 ? EPX_ELEM_F32 : EPX_ELEM_I32,
+    fail |= epx_test_rank_compare(rank, "recv_x_scales", w->payload == EPX_PAYLOAD_FP8_F32 ? EPX_ELEM_F32 : EPX_ELEM_I32,
                 ref->recv_x_scales, b->recv_scales, N, (int64_t)(b->srow / 4));
   if (b->cap > N) {
     if (!epx_test_is_poisoned((uint8_t *)b->recv_x + (size_t)N * b->xrow,
@@ -229,18 +211,18 @@ static int check_dispatch(int rank, const epx_test_world *w, const dispatch_bufs
     }
   }
   if (b->recv_topk_idx)
-    fail |= cmp(rank, "recv_topk_idx", w->is_int64 ? EPX_ELEM_I64 : EPX_ELEM_I32,
+    fail |= epx_test_rank_compare(rank, "recv_topk_idx", w->is_int64 ? EPX_ELEM_I64 : EPX_ELEM_I32,
                 ref->recv_topk_idx, b->recv_topk_idx, rows_meta, K);
   if (b->recv_weights)
-    fail |= cmp(rank, "recv_topk_weights", EPX_ELEM_F32, ref->recv_topk_weights, b->recv_weights,
+    fail |= epx_test_rank_compare(rank, "recv_topk_weights", EPX_ELEM_F32, ref->recv_topk_weights, b->recv_weights,
                 rows_meta, K);
-  fail |= cmp(rank, "recv_src_idx", EPX_ELEM_I32, ref->recv_src_idx, b->recv_src_idx, rows_meta, 1);
-  fail |= cmp(rank, "recv_rank_prefix", EPX_ELEM_I32, ref->recv_rank_prefix, b->recv_rank_prefix, 1,
+  fail |= epx_test_rank_compare(rank, "recv_src_idx", EPX_ELEM_I32, ref->recv_src_idx, b->recv_src_idx, rows_meta, 1);
+  fail |= epx_test_rank_compare(rank, "recv_rank_prefix", EPX_ELEM_I32, ref->recv_rank_prefix, b->recv_rank_prefix, 1,
               R);
-  fail |= cmp(rank, "num_recv_tokens_per_expert", EPX_ELEM_I32, ref->num_recv_tokens_per_expert,
+  fail |= epx_test_rank_compare(rank, "num_recv_tokens_per_expert", EPX_ELEM_I32, ref->num_recv_tokens_per_expert,
               b->per_expert, 1, el);
   int n32 = (int)N;
-  fail |= cmp(rank, "num_recv_tokens", EPX_ELEM_I32, &n32, b->num_recv, 1, 1);
+  fail |= epx_test_rank_compare(rank, "num_recv_tokens", EPX_ELEM_I32, &n32, b->num_recv, 1, 1);
   return fail;
 }
 
@@ -300,11 +282,11 @@ static int combine_and_check(epxComm_t comm, const epx_test_world *w, int rank, 
   a.hidden = H;
   a.num_topk = K;
   epxCombineOutputs_t o = {out_x, c->comb_weights ? out_w : NULL};
-  int fail = expect(rank, comm, epxCombine(comm, &a, h, &o, NULL), "epxCombine");
+  int fail = epx_test_expect_success(rank, comm, epxCombine(comm, &a, h, &o, NULL), "epxCombine");
   if (!fail) {
-    fail |= cmp(rank, "combined_x", EPX_ELEM_BF16, exp_x, out_x, T, H);
+    fail |= epx_test_rank_compare(rank, "combined_x", EPX_ELEM_BF16, exp_x, out_x, T, H);
     if (c->comb_weights)
-      fail |= cmp(rank, "combined_topk_weights", EPX_ELEM_F32, exp_w, out_w, T, K);
+      fail |= epx_test_rank_compare(rank, "combined_topk_weights", EPX_ELEM_F32, exp_w, out_w, T, K);
     else if (!epx_test_is_poisoned(out_w, (size_t)(T + 1) * K * sizeof(float)))
       fprintf(stderr, "  rank %d: combined_topk_weights not requested but written\n", rank),
           fail = 1;
@@ -341,14 +323,14 @@ static int cycle(epxComm_t comm, epx_test_world *w, int rank, const ncase *c, ep
     int64_t n = -7;
     int *cnt = epx_test_xmalloc(sizeof(int) * el);
     epx_test_poison(cnt, sizeof(int) * el);
-    fail |= expect(rank, comm, epxDispatchNotify(comm, &a, h, &n, cnt, NULL), "epxDispatchNotify");
+    fail |= epx_test_expect_success(rank, comm, epxDispatchNotify(comm, &a, h, &n, cnt, NULL), "epxDispatchNotify");
     if (!fail) {
       if (n != ref.num_recv) {
         fprintf(stderr, "  rank %d: notify N_recv %" PRId64 ", expected %" PRId64 "\n", rank, n,
                 ref.num_recv);
         fail = 1;
       }
-      fail |= cmp(rank, "notify num_recv_tokens_per_expert", EPX_ELEM_I32,
+      fail |= epx_test_rank_compare(rank, "notify num_recv_tokens_per_expert", EPX_ELEM_I32,
                   ref.num_recv_tokens_per_expert, cnt, 1, el);
       fail |= check_handle(rank, h, w, ref.num_recv, 1);
     }
@@ -361,7 +343,7 @@ static int cycle(epxComm_t comm, epx_test_world *w, int rank, const ncase *c, ep
   bufs_alloc(&b, w, cap, 1, c->weights);
   if (!fail) {
     epxDispatchOutputs_t out = bufs_outputs(&b);
-    fail |= expect(rank, comm, epxDispatch(comm, &a, h, &out, NULL), "epxDispatch");
+    fail |= epx_test_expect_success(rank, comm, epxDispatch(comm, &a, h, &out, NULL), "epxDispatch");
     if (!fail) fail |= check_dispatch(rank, w, &b, &ref, c->worst ? num_worst : ref.num_recv);
     if (!fail) fail |= check_handle(rank, h, w, ref.num_recv, !c->worst);
   }
@@ -384,7 +366,7 @@ static int cycle(epxComm_t comm, epx_test_world *w, int rank, const ncase *c, ep
     dispatch_bufs b2;
     bufs_alloc(&b2, w, ref2.num_recv, with_topk, with_topk && c->weights);
     epxDispatchOutputs_t out2 = bufs_outputs(&b2);
-    fail |= expect(rank, comm, epxDispatch(comm, &a2, h, &out2, NULL), "cached epxDispatch");
+    fail |= epx_test_expect_success(rank, comm, epxDispatch(comm, &a2, h, &out2, NULL), "cached epxDispatch");
     if (!fail) fail |= check_dispatch(rank, w, &b2, &ref2, ref2.num_recv);
     bufs_free(&b2);
     /* and the combine of the re-dispatch */
@@ -408,12 +390,12 @@ static int run_rank(int rank, int nranks, const epxUniqueId *id, void *arg) {
   epx_test_world_init(&w, &p, !c->int32, c->payload, c->seed ^ 0x5eedull);
   int fail = check_layout(comm, &w, rank);
   epxHandle_t h = NULL;
-  if (!fail) fail |= expect(rank, comm, epxHandleCreate(comm, &h), "epxHandleCreate");
+  if (!fail) fail |= epx_test_expect_success(rank, comm, epxHandleCreate(comm, &h), "epxHandleCreate");
   int iters = c->iterations > 0 ? c->iterations : 1;
   for (int it = 0; it < iters && !fail; ++it) {
     if (it > 0) {
       epx_test_world_new_payload(&w, c->seed + 1000 + (uint64_t)it);
-      fail |= expect(rank, comm, epxHandleReset(h), "epxHandleReset");
+      fail |= epx_test_expect_success(rank, comm, epxHandleReset(h), "epxHandleReset");
       if (fail) break;
     }
     fail |= cycle(comm, &w, rank, c, h, it);
