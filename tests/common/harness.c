@@ -710,3 +710,23 @@ int epx_test_case_tokens(int T, int r, int nranks, int vary, unsigned zero_mask)
   if (zero_mask & (1u << r)) t = 0;
   return t;
 }
+
+int epx_test_run_units(const epx_test_unit *units, size_t count, const int *failures) {
+  for (size_t i = 0; i < count; ++i) {
+    int before = *failures;
+    units[i].fn();
+    if (*failures != before) {
+      printf("FAIL %s\n", units[i].name);
+      return 1;
+    }
+    printf("PASS %s\n", units[i].name);
+  }
+  return 0;
+}
+
+void epx_test_random_plan(int default_count, uint64_t default_seed, int *count, uint64_t *seed) {
+  const char *n = getenv("EPX_TEST_RANDOM_CASES");
+  const char *sd = getenv("EPX_TEST_SEED");
+  *count = n && *n ? atoi(n) : default_count;
+  *seed = sd && *sd ? strtoull(sd, NULL, 0) : default_seed;
+}

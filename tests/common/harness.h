@@ -198,4 +198,16 @@ int epx_test_expect_success(int rank, epxComm_t comm, epxResult_t res, const cha
  * tokens as r grows (uneven loads); ranks in zero_mask get none. */
 int epx_test_case_tokens(int T, int r, int nranks, int vary, unsigned zero_mask);
 
+/* A named unit test; it reports failures by bumping *failures. */
+typedef struct epx_test_unit {
+  const char *name;
+  void (*fn)(void);
+} epx_test_unit;
+/* Runs the units in order, printing PASS/FAIL, and stops at the first unit
+ * that raised *failures. Returns the exit status for main. */
+int epx_test_run_units(const epx_test_unit *units, size_t count, const int *failures);
+/* How many random cases to run and from which seed: EPX_TEST_RANDOM_CASES and
+ * EPX_TEST_SEED when set, else the defaults. */
+void epx_test_random_plan(int default_count, uint64_t default_seed, int *count, uint64_t *seed);
+
 #endif /* EPX_TESTS_HARNESS_H */

@@ -539,10 +539,9 @@ int main(int argc, char **argv) {
     ++ran;
   }
   if (want_random) {
-    const char *e = getenv("EPX_TEST_RANDOM_CASES");
-    const char *sd = getenv("EPX_TEST_SEED");
-    int n = e && *e ? atoi(e) : DEFAULT_RANDOM_CASES;
-    uint64_t base = sd && *sd ? strtoull(sd, NULL, 0) : DEFAULT_RANDOM_SEED;
+    int n;
+    uint64_t base;
+    epx_test_random_plan(DEFAULT_RANDOM_CASES, DEFAULT_RANDOM_SEED, &n, &base);
     for (int i = 0; i < n; ++i) {
       ncase c;
       char name[160];

@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "common/harness.h"
 #include "common/layout_math.h"
 
 static int failures;
@@ -140,10 +141,7 @@ static void scans(void) {
 }
 
 int main(void) {
-  struct {
-    const char *name;
-    void (*fn)(void);
-  } tests[] = {
+  static const epx_test_unit tests[] = {
       {"expert_and_node_ownership", ownership},
       {"align_up", alignment},
       {"topk_get_set_int32_int64", topk_access},
@@ -151,14 +149,5 @@ int main(void) {
       {"ll_rows_and_range_pack_unpack", ll_layout},
       {"inclusive_exclusive_scans", scans},
   };
-  for (size_t i = 0; i < sizeof tests / sizeof tests[0]; ++i) {
-    int before = failures;
-    tests[i].fn();
-    if (failures != before) {
-      printf("FAIL %s\n", tests[i].name);
-      return 1;
-    }
-    printf("PASS %s\n", tests[i].name);
-  }
-  return 0;
+  return epx_test_run_units(tests, sizeof tests / sizeof tests[0], &failures);
 }

@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "common/harness.h"
 #include "common/numerics.h"
 
 static int failures;
@@ -263,10 +264,7 @@ static void fp8_cast_token(void) {
 }
 
 int main(void) {
-  struct {
-    const char *name;
-    void (*fn)(void);
-  } tests[] = {
+  static const epx_test_unit tests[] = {
       {"bf16_known_values", bf16_known_values},
       {"bf16_round_trip_all_65536", bf16_round_trip},
       {"e4m3_known_values", e4m3_known_values},
@@ -275,14 +273,5 @@ int main(void) {
       {"fp8_group_scale_and_rn_ops", group_scale},
       {"fp8_cast_token_plain_rounded_ue8m0", fp8_cast_token},
   };
-  for (size_t i = 0; i < sizeof tests / sizeof tests[0]; ++i) {
-    int before = failures;
-    tests[i].fn();
-    if (failures != before) {
-      printf("FAIL %s\n", tests[i].name);
-      return 1;
-    }
-    printf("PASS %s\n", tests[i].name);
-  }
-  return 0;
+  return epx_test_run_units(tests, sizeof tests / sizeof tests[0], &failures);
 }

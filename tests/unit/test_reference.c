@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "common/harness.h"
 #include "common/layout_math.h"
 #include "common/numerics.h"
 #include "reference/reference.h"
@@ -357,10 +358,7 @@ static void ll_combine_two_ranks(void) {
 }
 
 int main(void) {
-  struct {
-    const char *name;
-    void (*fn)(void);
-  } tests[] = {
+  static const epx_test_unit tests[] = {
       {"reference_layout_two_ranks", layout_two_ranks},
       {"reference_dispatch_two_ranks_order_ids_counts_padding", dispatch_two_ranks},
       {"reference_dispatch_fp8_scales_copied", dispatch_fp8_scales_copied},
@@ -369,14 +367,5 @@ int main(void) {
       {"reference_ll_dispatch_two_ranks", ll_two_ranks},
       {"reference_ll_combine_two_ranks", ll_combine_two_ranks},
   };
-  for (size_t i = 0; i < sizeof tests / sizeof tests[0]; ++i) {
-    int before = failures;
-    tests[i].fn();
-    if (failures != before) {
-      printf("FAIL %s\n", tests[i].name);
-      return 1;
-    }
-    printf("PASS %s\n", tests[i].name);
-  }
-  return 0;
+  return epx_test_run_units(tests, sizeof tests / sizeof tests[0], &failures);
 }
