@@ -55,19 +55,20 @@ TEST_COMMON := $(wildcard tests/common/*.c)
 TEST_COMMON_OBJS := $(TEST_COMMON:%.c=$(BUILD)/obj/%.o)
 UNIT_BINS := $(UNIT_SRCS:tests/unit/%.c=$(BUILD)/tests/%)
 MP_BINS := $(MP_SRCS:tests/mp/%.c=$(BUILD)/tests/%)
-# bench/bench_cuda.c (the GPU path: CUDA events, L2 flush, the NCCL baseline loaded with
-# dlopen) is built with the CUDA backend; BENCH_CFLAGS reach the bench objects only.
+# bench/bench_cuda.c (the GPU path: CUDA events, L2 flush, the start gate whose kernel is
+# bench/bench_gate.cu, the NCCL baseline loaded with dlopen) is built with the CUDA backend;
+# BENCH_CFLAGS reach the bench objects only.
 BENCH_SRCS := $(filter-out bench/bench_cuda.c,$(wildcard bench/*.c))
+BENCH_CU_SRCS :=
 BENCH_CFLAGS :=
 BENCH_LIBS :=
 ifeq ($(WITH_CUDA),1)
   BENCH_SRCS += bench/bench_cuda.c
-  BENCH_CUDA_DEFAULT_SMS := $(shell sed -n 's/^\#define EPX_CUDA_DEFAULT_BLOCKS  *\([0-9][0-9]*\).*/\1/p' src/backends/cuda/cuda_common.cuh 2>/dev/null)
-  BENCH_CFLAGS += -I$(CUDA_HOME)/include -DEPX_BENCH_HAVE_CUDA=1 \
-                  $(if $(BENCH_CUDA_DEFAULT_SMS),-DBENCH_CUDA_DEFAULT_SMS=$(BENCH_CUDA_DEFAULT_SMS))
+  BENCH_CU_SRCS += bench/bench_gate.cu
+  BENCH_CFLAGS += -I$(CUDA_HOME)/include -DEPX_BENCH_HAVE_CUDA=1
   BENCH_LIBS += -ldl
 endif
-BENCH_OBJS := $(BENCH_SRCS:%.c=$(BUILD)/obj/%.o)
+BENCH_OBJS := $(BENCH_SRCS:%.c=$(BUILD)/obj/%.o) $(BENCH_CU_SRCS:%.cu=$(BUILD)/obj/%.o)
 BENCH := $(BUILD)/epx-bench
 
 .PHONY: all lib test test-cuda bench clean header-check

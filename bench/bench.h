@@ -12,13 +12,34 @@
  *  bench_device.c  which device serves a backend; host views of device buffers
  *  bench_host.c    the host "device": host memory, wall-clock timing, a 64 MiB cache flush
  *  bench_cuda.c    the CUDA device: device buffers, one stream, CUDA events, a 256 MiB L2
- *                  flush, and the NCCL all-to-all baseline (NCCL loaded with dlopen); built
- *                  when the Makefile finds nvcc, which defines EPX_BENCH_HAVE_CUDA
+ *                  flush, the start gate, and the NCCL all-to-all baseline (NCCL loaded
+ *                  with dlopen); built when the Makefile finds nvcc, which defines
+ *                  EPX_BENCH_HAVE_CUDA
+ *  bench_gate.cu   the start gate's kernel (nvcc), for bench_cuda.c
+ *
+ * Timing on a device whose calls return before the work is done (CUDA): a series whose call
+ * does not block the host is timed from a gated common start. Per iteration every rank
+ * flushes the cache, enqueues the gate (a one-thread kernel that spins until a word of host
+ * memory shared by all ranks reaches this iteration's number), the start event, the call and
+ * the stop event; the ranks meet at a host barrier; rank 0 stores the number, releasing every
+ * GPU at about the same moment; each rank then waits for its stop event. The events thus hold
+ * GPU execution only: neither host launch skew between ranks nor host enqueue time. Each
+ * gated series starts with one ungated call (lazy set-up, e.g. NCCL's connections, and the
+ * "not supported" answer). The exact-size dispatch (notify waits on the host) and the e2e
+ * series are timed by the wall clock: host call to stream completion, after a host barrier.
+ * Without the gate (the host device, or a CUDA rank that cannot map the shared page) every
+ * call is timed as host barrier, start, call, stop.
  *
  * The baseline has its own timed series per op (BENCH_NCCL_*), reported in the dispatch and
  * combine records as nccl_time_us_p50 (null when the device has no baseline or skips it).
  * An operation the backend answers with epxNotSupported on every rank gets a "not supported"
  * row and no record.
+ *
+ * Low latency also times each op's two phases apart (return_recv_hook = 1, then
+ * epxLowLatencyRecv; BENCH_LL_*_SEND / _RECV): table rows "dispatch/send", "dispatch/recv",
+ * "combine/send", "combine/recv", records with op "dispatch" or "combine" and an extra field
+ * "phase": "send" | "recv" (the whole-op records have none). A phase has a time only: its
+ * records' GB/s, e2e_us and nccl_time_us_p50 are null.
  */
 #ifndef EPX_BENCH_H
 #define EPX_BENCH_H
@@ -34,10 +55,11 @@
 typedef enum benchMode { BENCH_NORMAL = 0, BENCH_LOW_LATENCY = 1, BENCH_NUM_MODES = 2 } benchMode;
 typedef enum benchDtype { BENCH_BF16 = 0, BENCH_FP8 = 1, BENCH_NUM_DTYPES = 2 } benchDtype;
 
-/* The timed series. A record (one line of the table) is one series, except that the normal
- * dispatch record takes its time from BENCH_DISPATCH (the data movement alone, with the
- * routing cached in the handle) and its e2e_us from BENCH_DISPATCH_E2E (layout + count
- * exchange + dispatch). */
+/* The timed series. A record (one line of the table) is one series: its time from the series
+ * and its e2e_us from the series' wall-clock twin where one ran (bench_series_e2e), else the
+ * same as its time. The normal dispatch record takes its time from BENCH_DISPATCH (the data
+ * movement alone, with the routing cached in the handle) and its e2e_us from
+ * BENCH_DISPATCH_E2E (layout + count exchange + dispatch). */
 typedef enum benchSeries {
   BENCH_LAYOUT = 0,       /* epxGetDispatchLayout */
   BENCH_DISPATCH_E2E = 1, /* epxGetDispatchLayout + epxDispatchNotify + epxDispatch */
@@ -47,12 +69,32 @@ typedef enum benchSeries {
   BENCH_LL_COMBINE = 5,   /* epxLowLatencyCombine */
   BENCH_NCCL_DISPATCH = 6, /* baseline: the dispatch's rows moved by an NCCL all-to-all */
   BENCH_NCCL_COMBINE = 7,  /* baseline: the combine's rows (back to their sources) likewise */
-  BENCH_NUM_SERIES = 8
+  /* Wall-clock twins (host call to stream completion) of series timed from the gate, for the
+   * records' e2e_us; run only on a device with a wall clock of its own (wall_start). */
+  BENCH_COMBINE_E2E = 8,     /* epxCombine */
+  BENCH_LL_DISPATCH_E2E = 9, /* epxLowLatencyDispatch */
+  BENCH_LL_COMBINE_E2E = 10, /* epxLowLatencyCombine */
+  BENCH_LAYOUT_E2E = 11,     /* epxGetDispatchLayout */
+  /* The two phases of a low-latency op, each timed alone (from the gate where there is one):
+   * send = the call with return_recv_hook = 1, then, untimed, epxLowLatencyRecv; recv = the
+   * send-only call untimed, every rank's stream drained and the ranks met, then
+   * epxLowLatencyRecv alone (receiving data that has all arrived). Records with "phase". */
+  BENCH_LL_DISPATCH_SEND = 12, /* epxLowLatencyDispatch, return_recv_hook = 1 */
+  BENCH_LL_DISPATCH_RECV = 13, /* epxLowLatencyRecv of that dispatch */
+  BENCH_LL_COMBINE_SEND = 14,  /* epxLowLatencyCombine, return_recv_hook = 1 */
+  BENCH_LL_COMBINE_RECV = 15,  /* epxLowLatencyRecv of that combine */
+  BENCH_NUM_SERIES = 16
 } benchSeries;
 
 const char *bench_mode_name(benchMode m);   /* "normal", "low_latency" */
 const char *bench_dtype_name(benchDtype d); /* "bf16", "fp8" */
 const char *bench_series_op(benchSeries s); /* "layout", "dispatch", "combine" */
+/* The phase of a phase series ("send", "recv"); NULL for a whole operation. */
+const char *bench_series_phase(benchSeries s);
+/* The wall-clock e2e twin of a series (BENCH_NUM_SERIES: none), and the series a twin
+ * belongs to (itself for any other). */
+benchSeries bench_series_e2e(benchSeries s);
+benchSeries bench_series_base(benchSeries s);
 
 /* --------------------------------------------------------------- options */
 
@@ -71,6 +113,7 @@ typedef struct benchOptions {
   int timeout_s;         /* wall-clock limit of one mode's job */
   const char *json_path; /* NULL = no records written */
   const char *machine;
+  int machine_given;  /* --machine or $EPX_MACHINE: else the device may name the machine */
   int print_backend;  /* --print-backend: say what would run, run nothing */
   char command[2048]; /* argv joined, for the records */
 } benchOptions;
@@ -99,11 +142,11 @@ typedef struct benchDevice {
   /* Ranks this device can run by default (GPUs visible; the host: 0 = no preference). Called
    * in the parent: it must not initialise anything a forked rank cannot inherit (CUDA). */
   int (*default_ranks)(void);
+  /* In the parent: the machine kind for the records when neither --machine nor $EPX_MACHINE
+   * names it (e.g. "nvidia-h200-x2"), or NULL. NULL entry: host-<nproc>cpu. */
+  const char *(*default_machine)(void);
   /* Per rank, after fork and before epxCommInitRank: pick the GPU, make the stream, ... */
   int (*rank_setup)(int rank, int nranks);
-  /* SMs the normal-mode kernels use for config.num_sms = `requested` (0 = the backend's
-   * default), or -1 when unknown; called in a rank after rank_setup. NULL: `requested`. */
-  int (*effective_sms)(int requested);
   void (*rank_teardown)(void);
   void *(*alloc)(size_t bytes); /* NULL after printing why */
   void (*free)(void *p);
@@ -120,6 +163,27 @@ typedef struct benchDevice {
    * stop waits for the stream first. NULL: timer_start / timer_stop_us. */
   void (*wall_start)(void);
   double (*wall_stop_us)(void);
+  /* Waits for the work enqueued on the stream; 0, or nonzero after printing why. NULL: the
+   * device's calls return when done (the host). */
+  int (*sync)(void);
+
+  /* The start gate (see the top of this file), all NULL on a device without one (the host:
+   * its calls return when done, so its timer is the wall clock already).
+   * gate_attach: per rank after rank_setup; maps `page` (`bytes`, page-aligned host memory
+   * shared by every rank) for the device; `go` and `timed_out` lie in it. NULL when attached,
+   * else why not (the caller prints it). */
+  const char *(*gate_attach)(void *page, size_t bytes, volatile uint32_t *go,
+                             volatile uint32_t *timed_out);
+  void (*gate_detach)(void); /* waits for the stream, unmaps */
+  /* Enqueues the gate: the stream waits until *go reaches gen (wrapping compare), or until
+   * the gate's wall-clock limit passes, when it stores gen into *timed_out and lets the
+   * stream go on. 0, or nonzero after printing why. */
+  int (*gate_enqueue)(uint32_t gen);
+  /* After timer_start and the call: records the stop event, without waiting. */
+  void (*gate_timer_stop)(void);
+  /* Waits for the stop event; microseconds from start to stop, or -1 after printing why (a
+   * failed wait, or the gate of gen timed out). */
+  double (*gate_timer_read_us)(uint32_t gen);
 
   /* The baseline (NCCL all-to-all of the same rows), all NULL when the device has none. */
   /* In the parent: NULL when a run of nranks ranks can have the baseline, else why not. */
@@ -187,7 +251,7 @@ benchVerdict bench_shm_verdict(const benchShm *s, benchDtype d, benchSeries op, 
 /* buffer_bytes reported by rank 0 for a mode (epxGetSizeHints). */
 void bench_shm_set_buffer_bytes(benchShm *s, size_t bytes);
 size_t bench_shm_buffer_bytes(const benchShm *s);
-/* SMs of the normal-mode kernels reported by rank 0 (-1: unknown). */
+/* SMs of the mode's kernels reported by rank 0 (-1: unknown, a null in the records). */
 void bench_shm_set_sms(benchShm *s, int sms);
 int bench_shm_sms(const benchShm *s);
 int bench_shm_iters(const benchShm *s);
@@ -195,6 +259,14 @@ int bench_shm_iters(const benchShm *s);
 int *bench_shm_flags(benchShm *s);
 /* BENCH_BASELINE_ID_BYTES bytes: the baseline's rendezvous id, from rank 0 to the others. */
 void *bench_shm_baseline_id(benchShm *s);
+/* The start gate's page: page-aligned, a page long, for the device to map (gate_attach).
+ * It holds `go`, the last generation released (0 after a reset), and per rank the
+ * generation whose gate timed out (0: none). */
+void *bench_shm_gate_page(benchShm *s, size_t *bytes);
+volatile uint32_t *bench_shm_gate_go(benchShm *s);
+volatile uint32_t *bench_shm_gate_timed_out(benchShm *s, int rank);
+/* Releases every gate waiting for generation <= gen (a release store). */
+void bench_shm_gate_open(benchShm *s, uint32_t gen);
 
 /* ------------------------------------------------------------- one rank */
 
@@ -235,12 +307,13 @@ benchRankBytes bench_series_bytes(benchDtype d, benchSeries s, int hidden, const
 /* One line of the table and one JSON record. */
 typedef struct benchRecord {
   benchMode mode;
-  benchSeries series; /* BENCH_DISPATCH for the dispatch record */
+  benchSeries series; /* BENCH_DISPATCH for the dispatch record; a phase series for a phase */
   benchDtype dtype;
-  int ranks, ranks_per_node, tokens, hidden, topk, experts, sms;
+  int ranks, ranks_per_node, tokens, hidden, topk, experts;
+  int sms; /* < 0: null (unknown) */
   double time_us_p50, time_us_p99;
-  double logical_gbps, physical_gbps; /* < 0: none (layout) */
-  double e2e_us;
+  double logical_gbps, physical_gbps; /* < 0: none (layout, phases) */
+  double e2e_us;                      /* < 0: none (phases) */
   double nccl_time_us_p50; /* < 0: null */
   size_t buffer_bytes;
   benchVerdict verdict;
@@ -263,8 +336,9 @@ void bench_run_info(benchRunInfo *info, const benchOptions *o);
 /* One record as a single-line JSON object (no newline); returns its length or -1. */
 int bench_record_json(const benchRecord *rec, const benchRunInfo *info, char *buf, size_t cap);
 /* Merges records into the JSON array at `path`: a record replaces the one of the same
- * configuration (mode, op, dtype, ranks, ranks_per_node, tokens, hidden, topk, experts, sms),
- * others are kept as they are, new ones appended. Atomic (temp file + rename). 0 on success. */
+ * configuration (mode, op, phase, dtype, ranks, ranks_per_node, tokens, hidden, topk, experts,
+ * sms; a whole-op record has no "phase", and matches only records without one), others are
+ * kept as they are, new ones appended. Atomic (temp file + rename). 0 on success. */
 int bench_json_merge(const char *path, const benchRecord *recs, int n, const benchRunInfo *info);
 
 #endif /* EPX_BENCH_H */

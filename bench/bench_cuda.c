@@ -8,7 +8,13 @@
  * wrote them.
  *
  * The parent never initialises CUDA (a forked child of a process that did cannot use it): it
- * counts the GPUs in a short-lived child of its own.
+ * counts the GPUs, and reads the first one's name (the default machine kind, e.g.
+ * nvidia-h200-x2, as tools/gpu-check names it), in a short-lived child of its own.
+ *
+ * The start gate (bench.h): each rank maps the shared gate page with cudaHostRegister
+ * (cudaHostRegisterMapped) and enqueues bench_gate.cu's kernel before the start event; the
+ * kernel gives up after GATE_TIMEOUT_NS of wall time and says so in the page, and the timer
+ * then reports the iteration failed (never a hang, never a trap).
  *
  * Baseline: NCCL, loaded with dlopen so that neither the library nor the benchmark links it.
  * The library is $EPX_NCCL_LIB, else the nvidia-nccl wheel's lib/libnccl.so.2 (found with
@@ -28,11 +34,15 @@
 #include <unistd.h>
 
 #include "bench.h"
+#include "bench_gate.h"
 
 /* Larger than any GPU's L2 (H100/H200: 50 MiB, B200: 126 MiB). */
 #define CUDA_FLUSH_BYTES ((size_t)256 << 20)
 /* Seconds the parent waits for its GPU-counting child. */
 #define COUNT_TIMEOUT_S 60
+/* Wall time a gate waits for rank 0's release before it gives up (ns). A release comes
+ * microseconds after the last rank has enqueued its call; this only bounds a lost one. */
+#define GATE_TIMEOUT_NS 10000000000ull
 
 /* ------------------------------------------------------------- NCCL ABI */
 
@@ -71,6 +81,8 @@ static struct {
 
 /* Parent-side facts, inherited by the ranks (set before the fork). */
 static int gpu_count = -1; /* -1: not counted yet */
+static char gpu_name[256]; /* of device 0, as CUDA names it ("NVIDIA H200") */
+static char machine_name[300];
 static char nccl_path[4096];
 static char baseline_why[256];
 static int baseline_checked_for = -1; /* nranks of the cached answer */
@@ -82,6 +94,10 @@ static cudaEvent_t ev_start, ev_stop;
 static void *flush_buf;
 static unsigned flush_round;
 static struct timespec wall_t0;
+/* The gate: the registered page, and device views of its words. */
+static void *gate_page;
+static uint32_t *gate_go_dev, *gate_timed_out_dev;
+static volatile uint32_t *gate_timed_out_host;
 
 static int cuda_failed(cudaError_t e, const char *what) {
   if (e == cudaSuccess) return 0;
@@ -91,7 +107,14 @@ static int cuda_failed(cudaError_t e, const char *what) {
 
 /* --------------------------------------------------------- the parent */
 
-/* GPUs visible, counted in a child so that this process never initialises CUDA. */
+/* What the counting child writes into the pipe. */
+typedef struct gpuCount {
+  int n;
+  char name[256];
+} gpuCount;
+
+/* GPUs visible (and device 0's name), counted in a child so that this process never
+ * initialises CUDA. */
 static int count_gpus(void) {
   if (gpu_count >= 0) return gpu_count;
   int fds[2];
@@ -111,23 +134,57 @@ static int count_gpus(void) {
   if (pid == 0) {
     close(fds[0]);
     alarm(COUNT_TIMEOUT_S);
-    int n = 0;
-    if (cudaGetDeviceCount(&n) != cudaSuccess) n = 0;
-    ssize_t w = write(fds[1], &n, sizeof n);
-    _exit(w == (ssize_t)sizeof n ? 0 : 1);
+    gpuCount c;
+    memset(&c, 0, sizeof c);
+    if (cudaGetDeviceCount(&c.n) != cudaSuccess) c.n = 0;
+    struct cudaDeviceProp prop;
+    if (c.n > 0 && cudaGetDeviceProperties(&prop, 0) == cudaSuccess)
+      snprintf(c.name, sizeof c.name, "%s", prop.name);
+    ssize_t w = write(fds[1], &c, sizeof c);
+    _exit(w == (ssize_t)sizeof c ? 0 : 1);
   }
   close(fds[1]);
-  int n = 0;
-  ssize_t got;
-  do {
-    got = read(fds[0], &n, sizeof n);
-  } while (got < 0 && errno == EINTR);
+  gpuCount c;
+  memset(&c, 0, sizeof c);
+  size_t have = 0;
+  while (have < sizeof c) { /* one write of a few hundred bytes: atomic, but be sure */
+    ssize_t got = read(fds[0], (char *)&c + have, sizeof c - have);
+    if (got < 0 && errno == EINTR) continue;
+    if (got <= 0) break;
+    have += (size_t)got;
+  }
   close(fds[0]);
   int status = 0;
   while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
   }
-  gpu_count = got == (ssize_t)sizeof n && n > 0 ? n : 0;
+  gpu_count = have == sizeof c && c.n > 0 ? c.n : 0;
+  if (gpu_count > 0) {
+    c.name[sizeof c.name - 1] = 0;
+    snprintf(gpu_name, sizeof gpu_name, "%s", c.name);
+  }
   return gpu_count;
+}
+
+/* "<GPU name, lower case, runs of other characters as '-'>-x<GPUs>", as tools/gpu-check and
+ * tools/bench name the machine kind: "NVIDIA H200" x 2 -> nvidia-h200-x2. NULL without GPUs. */
+static const char *cuda_default_machine(void) {
+  int n = count_gpus();
+  if (n <= 0 || !gpu_name[0]) return NULL;
+  char slug[sizeof gpu_name];
+  size_t len = 0;
+  for (const char *c = gpu_name; *c; ++c) {
+    char ch = *c;
+    if (ch >= 'A' && ch <= 'Z') ch = (char)(ch - 'A' + 'a');
+    if ((ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9'))
+      slug[len++] = ch;
+    else if (len > 0 && slug[len - 1] != '-')
+      slug[len++] = '-';
+  }
+  while (len > 0 && slug[len - 1] == '-') --len;
+  slug[len] = 0;
+  if (!len) return NULL;
+  snprintf(machine_name, sizeof machine_name, "%s-x%d", slug, n);
+  return machine_name;
 }
 
 static int cuda_default_ranks(void) { return count_gpus(); }
@@ -195,7 +252,10 @@ static int cuda_rank_setup(int rank, int nranks) {
   return 0;
 }
 
+static void cuda_gate_detach(void);
+
 static void cuda_rank_teardown(void) {
+  cuda_gate_detach();
   if (stream) cudaStreamSynchronize(stream);
   if (flush_buf) cudaFree(flush_buf);
   if (ev_start) cudaEventDestroy(ev_start);
@@ -204,19 +264,6 @@ static void cuda_rank_teardown(void) {
   flush_buf = NULL;
   ev_start = ev_stop = NULL;
   stream = NULL;
-}
-
-static int cuda_effective_sms(int requested) {
-  int sms = 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
-    return -1;
-#ifdef BENCH_CUDA_DEFAULT_SMS
-  int want = requested > 0 ? requested : BENCH_CUDA_DEFAULT_SMS;
-#else
-  if (requested <= 0) return -1; /* the backend's default is not known to this build */
-  int want = requested;
-#endif
-  return want < sms ? want : sms; /* the backend clamps to the device */
 }
 
 static void *cuda_alloc(size_t bytes) {
@@ -287,6 +334,86 @@ static double cuda_wall_stop_us(void) {
   clock_gettime(CLOCK_MONOTONIC, &t1);
   return (double)(t1.tv_sec - wall_t0.tv_sec) * 1e6 +
          (double)(t1.tv_nsec - wall_t0.tv_nsec) * 1e-3;
+}
+
+static int cuda_sync(void) {
+  return cuda_failed(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+}
+
+/* ------------------------------------------------------------ the gate */
+
+static const char *cuda_gate_attach(void *page, size_t bytes, volatile uint32_t *go,
+                                    volatile uint32_t *timed_out) {
+  static char why[256];
+  const char *off = getenv("EPX_BENCH_NO_GATE");
+  if (off && *off && strcmp(off, "0") != 0) return "EPX_BENCH_NO_GATE is set";
+  cudaError_t e = bench_gate_prepare();
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    snprintf(why, sizeof why, "the gate kernel: %s", cudaGetErrorString(e));
+    return why;
+  }
+  e = cudaHostRegister(page, bytes, cudaHostRegisterMapped);
+  if (e != cudaSuccess) {
+    cudaGetLastError(); /* not sticky, but leave no error for the next check */
+    snprintf(why, sizeof why, "cudaHostRegister of the shared gate page: %s",
+             cudaGetErrorString(e));
+    return why;
+  }
+  void *go_dev = NULL, *to_dev = NULL;
+  e = cudaHostGetDevicePointer(&go_dev, (void *)go, 0);
+  if (e == cudaSuccess) e = cudaHostGetDevicePointer(&to_dev, (void *)timed_out, 0);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    cudaHostUnregister(page);
+    snprintf(why, sizeof why, "cudaHostGetDevicePointer of the gate page: %s",
+             cudaGetErrorString(e));
+    return why;
+  }
+  gate_page = page;
+  gate_go_dev = go_dev;
+  gate_timed_out_dev = to_dev;
+  gate_timed_out_host = timed_out;
+  *gate_timed_out_host = 0;
+  return NULL;
+}
+
+static void cuda_gate_detach(void) {
+  if (!gate_page) return;
+  if (stream) cudaStreamSynchronize(stream);
+  cudaHostUnregister(gate_page);
+  gate_page = NULL;
+  gate_go_dev = gate_timed_out_dev = NULL;
+  gate_timed_out_host = NULL;
+}
+
+static int cuda_gate_enqueue(uint32_t gen) {
+  if (!gate_page) {
+    fprintf(stderr, "epx-bench: the gate is not attached\n");
+    return 1;
+  }
+  return cuda_failed(bench_gate_launch(gate_go_dev, gen, gate_timed_out_dev, GATE_TIMEOUT_NS,
+                                       stream),
+                     "gate kernel launch");
+}
+
+static void cuda_gate_timer_stop(void) {
+  cuda_failed(cudaEventRecord(ev_stop, stream), "cudaEventRecord");
+}
+
+static double cuda_gate_timer_read_us(uint32_t gen) {
+  float ms = 0.0f;
+  if (cuda_failed(cudaEventSynchronize(ev_stop), "cudaEventSynchronize") ||
+      cuda_failed(cudaEventElapsedTime(&ms, ev_start, ev_stop), "cudaEventElapsedTime"))
+    return -1.0;
+  if (gate_timed_out_host && *gate_timed_out_host == gen) {
+    fprintf(stderr,
+            "epx-bench: the start gate of iteration %u gave up after %.0f s without a release "
+            "(a rank lost, or a call that waits for the GPU inside)\n",
+            (unsigned)gen, (double)GATE_TIMEOUT_NS * 1e-9);
+    return -1.0;
+  }
+  return (double)ms * 1e3;
 }
 
 /* ------------------------------------------------------------- NCCL */
@@ -388,9 +515,9 @@ const benchDevice bench_cuda_device = {
     .backend = epxBackendCuda,
     .host_addressable = 0,
     .default_ranks = cuda_default_ranks,
+    .default_machine = cuda_default_machine,
     .rank_setup = cuda_rank_setup,
     .rank_teardown = cuda_rank_teardown,
-    .effective_sms = cuda_effective_sms,
     .alloc = cuda_alloc,
     .free = cuda_free,
     .upload = cuda_upload,
@@ -402,6 +529,12 @@ const benchDevice bench_cuda_device = {
     .timer_stop_us = cuda_timer_stop_us,
     .wall_start = cuda_wall_start,
     .wall_stop_us = cuda_wall_stop_us,
+    .sync = cuda_sync,
+    .gate_attach = cuda_gate_attach,
+    .gate_detach = cuda_gate_detach,
+    .gate_enqueue = cuda_gate_enqueue,
+    .gate_timer_stop = cuda_gate_timer_stop,
+    .gate_timer_read_us = cuda_gate_timer_read_us,
     .baseline_unavailable = cuda_baseline_unavailable,
     .baseline_make_id = cuda_baseline_make_id,
     .baseline_join = cuda_baseline_join,

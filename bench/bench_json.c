@@ -18,10 +18,14 @@
 
 #include "bench.h"
 
-/* The fields that name a configuration: a new record replaces an old one equal in all. */
-static const char *const config_keys[] = {"mode",   "op",     "dtype", "ranks",   "ranks_per_node",
-                                          "tokens", "hidden", "topk",  "experts", "sms"};
+/* The fields that name a configuration: a new record replaces an old one equal in all. Every
+ * record has each of them but "phase", which only the phase records of a low-latency op have
+ * (bench.h): two records without it are equal in it, one with it and one without are not. */
+static const char *const config_keys[] = {"mode",   "op",     "phase", "dtype",   "ranks",
+                                          "ranks_per_node", "tokens", "hidden", "topk",
+                                          "experts", "sms"};
 #define NUM_CONFIG_KEYS ((int)(sizeof(config_keys) / sizeof(config_keys[0])))
+#define OPTIONAL_CONFIG_KEY "phase"
 /* Bytes of one record line: the command is the only long field. */
 #define RECORD_BYTES 8192
 /* Nesting depth the parser accepts inside a record. */
@@ -122,11 +126,16 @@ int bench_record_json(const benchRecord *r, const benchRunInfo *info, char *buf,
   put_string(&b, "command", info->command);
   put_string(&b, "mode", bench_mode_name(r->mode));
   put_string(&b, "op", bench_series_op(r->series));
+  if (bench_series_phase(r->series)) put_string(&b, "phase", bench_series_phase(r->series));
   put_string(&b, "dtype", bench_dtype_name(r->dtype));
   put(&b,
       "\"ranks\": %d, \"ranks_per_node\": %d, \"tokens\": %d, \"hidden\": %d, \"topk\": %d, "
-      "\"experts\": %d, \"sms\": %d, ",
-      r->ranks, r->ranks_per_node, r->tokens, r->hidden, r->topk, r->experts, r->sms);
+      "\"experts\": %d, ",
+      r->ranks, r->ranks_per_node, r->tokens, r->hidden, r->topk, r->experts);
+  if (r->sms < 0) /* unknown (the LL grid of a backend this build cannot see into) */
+    put(&b, "\"sms\": null, ");
+  else
+    put(&b, "\"sms\": %d, ", r->sms);
   put_number(&b, "time_us_p50", r->time_us_p50, ", ");
   put_number(&b, "time_us_p99", r->time_us_p99, ", ");
   put_number(&b, "logical_gbps", r->logical_gbps, ", ");
@@ -315,6 +324,8 @@ static int parse_results(const char *text, size_t len, const char *path, parsedO
 
 static int same_config(const parsedObject *a, const parsedObject *b) {
   for (int k = 0; k < NUM_CONFIG_KEYS; ++k) {
+    if (a->key[k].n == 0 && b->key[k].n == 0 && strcmp(config_keys[k], OPTIONAL_CONFIG_KEY) == 0)
+      continue; /* neither has a phase: both whole-op records */
     if (a->key[k].n == 0 || a->key[k].n != b->key[k].n) return 0;
     if (memcmp(a->key[k].s, b->key[k].s, a->key[k].n) != 0) return 0;
   }

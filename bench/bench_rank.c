@@ -8,19 +8,30 @@
  *      the CPU reference (checks that need every rank's expected outputs run one rank at a
  *      time, so that only one rank at a time holds them);
  *   2. per operation, --warmup untimed and --iters timed iterations; before each, the caches
- *      are flushed and the ranks meet at a barrier, so an iteration's time is that of one
- *      collective call started together.
+ *      are flushed and the ranks start together: on a device with the start gate (bench.h)
+ *      the GPUs are released at once after every rank has enqueued the call, so the time is
+ *      GPU execution alone; else the ranks meet at a host barrier and call.
  * The combines move BF16 whatever the dispatch dtype, so they run in the BF16 pass, on the
  * BF16 dispatch's outputs (identity experts). The layout does not depend on the dtype: it
  * runs in the first pass only and is recorded under that pass's dtype.
  *
  * The end-to-end series (layout + notify, which blocks the host, + dispatch) is timed by the
- * wall clock; the others by the device's timer (CUDA events on the GPU).
+ * wall clock; the others by the device's timer (CUDA events on the GPU, from the gate). On a
+ * device with a wall clock of its own (CUDA), each gated operation series but the cached
+ * dispatch (whose record's e2e_us is the exact-size dispatch's) also gets a wall-clock twin
+ * (host call to stream completion, after a host barrier, no gate): the records' e2e_us.
  *
  * Baseline: where the device has one (NCCL on the GPU), every rank joins it after init and,
  * after each dispatch and combine series, times an all-to-all that moves the same rows: to
  * each peer the rows routed there (self included), FP8 rows with their scales; the combine's
  * goes the other way, BF16.
+ *
+ * Low-latency phases (bench.h): after each op's series, its send phase and its receive phase
+ * are timed apart, like the op (from the gate where there is one): the send series times the
+ * call with return_recv_hook = 1 and then, untimed, receives (epxLowLatencyRecv) and drains the
+ * stream; the receive series sends untimed, drains the stream, meets the other ranks (so every
+ * rank's data has arrived) and times epxLowLatencyRecv alone. The checked iteration runs each
+ * op once more through the hooks and checks those outputs too: the phases' verdict.
  *
  * An operation the backend answers with epxNotSupported is not timed: its series (and those
  * that depend on it) get the verdict "not supported", the same on every rank or the job fails.
@@ -67,6 +78,10 @@ typedef struct rankState {
   benchDtype dtype;
   int unsupported[BENCH_NUM_SERIES]; /* of the current dtype pass */
   int layout_timed;
+
+  /* the start gate (bench.h) */
+  int gated;         /* every rank attached it: operation series start from it */
+  uint32_t gate_gen; /* generation of the last gate enqueued (the same on every rank) */
 
   /* the baseline (when joined) */
   int baseline;
@@ -272,7 +287,9 @@ static epxResult_t op_combine(rankState *st) {
   return epxCombine(st->comm, &a, st->handle, &o, st->dev->stream());
 }
 
-static epxResult_t op_ll_dispatch(rankState *st) {
+/* The low-latency ops; with `hook` only the send phase (return_recv_hook = 1), which
+ * epxLowLatencyRecv (op_ll_recv) completes. */
+static epxResult_t ll_dispatch_call(rankState *st, int hook) {
   epxLowLatencyDispatchArgs_t a;
   memset(&a, 0, sizeof(a));
   a.x = st->x_bf16;
@@ -282,12 +299,13 @@ static epxResult_t op_ll_dispatch(rankState *st) {
   a.hidden = st->opt->hidden;
   a.num_topk = st->opt->topk;
   a.use_fp8 = st->dtype == BENCH_FP8;
+  a.return_recv_hook = hook;
   epxLowLatencyDispatchOutputs_t o = {st->ll_recv_x, a.use_fp8 ? st->ll_scales : NULL, st->ll_count,
                                       st->ll_src_info, st->ll_range};
   return epxLowLatencyDispatch(st->comm, &a, st->handle, &o, st->dev->stream());
 }
 
-static epxResult_t op_ll_combine(rankState *st) {
+static epxResult_t ll_combine_call(rankState *st, int hook) {
   epxLowLatencyCombineArgs_t a;
   memset(&a, 0, sizeof(a));
   a.x = st->ll_recv_x; /* the BF16 dispatch's output: identity experts */
@@ -297,37 +315,242 @@ static epxResult_t op_ll_combine(rankState *st) {
   a.num_tokens = st->tokens;
   a.hidden = st->opt->hidden;
   a.num_topk = st->opt->topk;
+  a.return_recv_hook = hook;
   return epxLowLatencyCombine(st->comm, &a, st->handle, st->combined_x, st->dev->stream());
 }
 
-/* Warm-up, then timed iterations of one operation, each from a flushed cache and a barrier.
- * RC_UNSUPPORTED when its first call answers epxNotSupported (only without --check: with it,
- * the checked iteration has called every operation already). */
-static int time_series(rankState *st, benchSeries s, benchOpFn fn) {
-  const benchOptions *o = st->opt;
-  double *times = bench_shm_times(st->shm, st->dtype, s, st->rank);
+static epxResult_t op_ll_dispatch(rankState *st) { return ll_dispatch_call(st, 0); }
+static epxResult_t op_ll_combine(rankState *st) { return ll_combine_call(st, 0); }
+static epxResult_t op_ll_dispatch_send(rankState *st) { return ll_dispatch_call(st, 1); }
+static epxResult_t op_ll_combine_send(rankState *st) { return ll_combine_call(st, 1); }
+static epxResult_t op_ll_recv(rankState *st) {
+  return epxLowLatencyRecv(st->comm, st->handle, st->dev->stream());
+}
+
+/* How an iteration is timed. */
+typedef enum timeHow {
+  TIME_PLAIN = 0, /* host barrier, timer_start, call, timer_stop_us */
+  TIME_WALL = 1,  /* the same by the wall clock (wall_start, wall_stop_us) */
+  TIME_GATED = 2  /* the start gate: GPU execution from a common start */
+} timeHow;
+
+/* One call of the timed region: 0, RC_UNSUPPORTED (noted, nothing failed), or 1 after
+ * printing why and marking the job failed. */
+typedef int (*benchCallFn)(rankState *st, void *ctx);
+
+/* Flushes the caches, then times one call as `how` says into *us. Returns what the call
+ * returned, or 1 when the timing failed (said why, marked the job failed). */
+static int timed_call(rankState *st, timeHow how, benchCallFn call, void *ctx, double *us) {
   const benchDevice *dev = st->dev;
-  int wall = s == BENCH_DISPATCH_E2E && dev->wall_start && dev->wall_stop_us;
-  for (int i = 0; i < o->warmup + o->iters; ++i) {
-    dev->flush_cache();
+  dev->flush_cache();
+  if (how != TIME_GATED) {
     if (bench_barrier(st->shm, BARRIER_TIMEOUT_S)) return 1;
-    if (wall)
+    if (how == TIME_WALL)
       dev->wall_start();
     else
       dev->timer_start();
-    epxResult_t res = fn(st);
-    double us = wall ? dev->wall_stop_us() : dev->timer_stop_us();
-    if (i == 0 && res == epxNotSupported) return op_result(st, s, bench_series_op(s), res);
-    if (epx_failed(st, bench_series_op(s), res)) return 1;
-    if (us < 0.0) { /* the timer failed (it said why) */
+    int rc = call(st, ctx);
+    *us = how == TIME_WALL ? dev->wall_stop_us() : dev->timer_stop_us();
+    if (rc) return rc;
+    if (*us < 0.0) { /* the timer failed (it said why) */
       bench_shm_fail(st->shm);
       return 1;
     }
+    return 0;
+  }
+  /* Gate, start, call, stop all enqueued; the ranks meet; rank 0 opens every gate at once;
+   * then the stop event is waited for. A rank that fails opens the gate itself, so no GPU
+   * waits out the gate's limit behind it. */
+  uint32_t gen = ++st->gate_gen;
+  if (dev->gate_enqueue(gen)) {
+    bench_shm_fail(st->shm);
+    return 1;
+  }
+  dev->timer_start();
+  int rc = call(st, ctx);
+  dev->gate_timer_stop();
+  int failed = rc != 0 || bench_barrier(st->shm, BARRIER_TIMEOUT_S);
+  if (failed || st->rank == 0) bench_shm_gate_open(st->shm, gen);
+  *us = dev->gate_timer_read_us(gen);
+  if (failed || *us < 0.0) {
+    bench_shm_fail(st->shm); /* an unsupported answer here too: the ranks are past agreeing */
+    return 1;
+  }
+  return 0;
+}
+
+/* An epx operation as a timed call: its first call may answer "not supported". */
+typedef struct opCall {
+  benchOpFn fn;
+  benchSeries series; /* the operation's own series (not a wall-clock twin) */
+  int first;
+} opCall;
+
+static int op_call(rankState *st, void *ctx) {
+  const opCall *c = ctx;
+  const char *what = bench_series_op(c->series);
+  epxResult_t res = c->fn(st);
+  if (c->first && res == epxNotSupported) return op_result(st, c->series, what, res);
+  return epx_failed(st, what, res);
+}
+
+/* How series s is timed on this rank. */
+static timeHow series_how(const rankState *st, benchSeries s) {
+  const benchDevice *dev = st->dev;
+  int wall = s == BENCH_DISPATCH_E2E || bench_series_base(s) != s;
+  if (wall && dev->wall_start && dev->wall_stop_us) return TIME_WALL;
+  if (!wall && st->gated) return TIME_GATED;
+  return TIME_PLAIN;
+}
+
+/* Warm-up, then timed iterations of `call`, into the times of series s. A gated series starts
+ * with one ungated call, so that lazy set-up (CUDA's lazy module loading, which may wait for
+ * the device; NCCL's connections) and the "not supported" answer come outside the gate: a
+ * call that waited for the GPU inside would wait for the gate, until its time limit. */
+static int time_calls_between(rankState *st, benchSeries s, benchCallFn before, benchCallFn call,
+                              benchCallFn after, void *ctx, int *first) {
+  const benchOptions *o = st->opt;
+  double *times = bench_shm_times(st->shm, st->dtype, s, st->rank);
+  timeHow how = series_how(st, s);
+  for (int i = how == TIME_GATED ? -1 : 0; i < o->warmup + o->iters; ++i) {
+    double us = 0.0;
+    int rc = before ? before(st, ctx) : 0;
+    if (!rc) rc = timed_call(st, i < 0 ? TIME_PLAIN : how, call, ctx, &us);
+    if (!rc && after) rc = after(st, ctx);
+    *first = 0;
+    if (rc) return rc;
     if (i >= o->warmup) times[i - o->warmup] = us;
   }
+  return 0;
+}
+
+/* The same with nothing untimed around the call. */
+static int time_calls(rankState *st, benchSeries s, benchCallFn call, void *ctx, int *first) {
+  return time_calls_between(st, s, NULL, call, NULL, ctx, first);
+}
+
+/* Warm-up, then timed iterations of one operation (series_how says how). RC_UNSUPPORTED when
+ * its first call answers epxNotSupported (only without --check: with it, the checked
+ * iteration has called every operation already). */
+static int time_series(rankState *st, benchSeries s, benchOpFn fn) {
+  const benchOptions *o = st->opt;
+  opCall c = {fn, bench_series_base(s), 1};
+  int rc = time_calls(st, s, op_call, &c, &c.first);
+  if (rc) return rc;
   *bench_shm_bytes(st->shm, st->dtype, s, st->rank) =
       bench_series_bytes(st->dtype, s, o->hidden, &st->routing);
-  if (!o->check) set_verdict(st, s, BENCH_UNCHECKED);
+  /* A wall-clock twin is not checked on its own: "unchecked" says it ran. */
+  if (!o->check || bench_series_base(s) != s) set_verdict(st, s, BENCH_UNCHECKED);
+  return 0;
+}
+
+/* The wall-clock twin of series s, where this device has a wall clock of its own (CUDA: the
+ * records' e2e_us); nothing on a device whose timer is the wall clock already. */
+static int time_e2e_twin(rankState *st, benchSeries s, benchOpFn fn) {
+  benchSeries twin = bench_series_e2e(s);
+  if (twin == BENCH_NUM_SERIES || !st->dev->wall_start || !st->dev->wall_stop_us) return 0;
+  return time_series(st, twin, fn);
+}
+
+/* The two phases of a low-latency op as timed calls (bench.h). */
+typedef struct phaseCall {
+  benchOpFn send_only;     /* the op with return_recv_hook = 1 */
+  benchSeries send_series; /* where its "not supported" answer is noted */
+  int first;
+} phaseCall;
+
+static const char *phase_what(const phaseCall *c) {
+  return c->send_series == BENCH_LL_COMBINE_SEND ? "epxLowLatencyCombine (send only)"
+                                                 : "epxLowLatencyDispatch (send only)";
+}
+
+/* Waits for this rank's stream (nothing on a device whose calls return when done). */
+static int drain(rankState *st) {
+  if (!st->dev->sync || st->dev->sync() == 0) return 0;
+  bench_shm_fail(st->shm);
+  return 1;
+}
+
+static int phase_send(rankState *st, void *ctx) {
+  phaseCall *c = ctx;
+  epxResult_t res = c->send_only(st);
+  if (c->first && res == epxNotSupported) return op_result(st, c->send_series, phase_what(c), res);
+  return epx_failed(st, phase_what(c), res);
+}
+
+static int phase_recv(rankState *st, void *ctx) {
+  return epx_failed(st, "epxLowLatencyRecv", op_ll_recv(st));
+}
+
+/* After a timed send: the receive, untimed, drained, so the op is complete (its slot free,
+ * the handle filled) and nothing of it runs into the next iteration's start. */
+static int phase_recv_untimed(rankState *st, void *ctx) {
+  int rc = phase_recv(st, ctx);
+  return rc ? rc : drain(st);
+}
+
+/* Before a timed receive: the send, untimed; then this rank's stream drained and the ranks
+ * met, so that every rank's send has completed (its data arrived) before any receive starts.
+ * (The gate's release, and the plain timer's barrier, come after this barrier too.) */
+static int phase_send_untimed(rankState *st, void *ctx) {
+  int rc = phase_send(st, ctx);
+  if (!rc) rc = drain(st);
+  if (!rc && bench_barrier(st->shm, BARRIER_TIMEOUT_S)) rc = 1;
+  return rc;
+}
+
+/* Warm-up and timed iterations of the send phase of an op, then of its receive phase, timed
+ * like the whole op (from the gate where there is one). A send-only call the backend answers
+ * with epxNotSupported is noted (st->unsupported[send_series]) and leaves both phases out:
+ * 0 then, as after a phase met unsupported in the checked iteration. */
+static int time_phases(rankState *st, benchSeries send_series, benchSeries recv_series,
+                       benchOpFn send_only) {
+  const benchOptions *o = st->opt;
+  if (st->unsupported[send_series]) return 0;
+  phaseCall c = {send_only, send_series, 1};
+  int rc = time_calls_between(st, send_series, NULL, phase_send, phase_recv_untimed, &c, &c.first);
+  if (rc == RC_UNSUPPORTED) return 0;
+  if (!rc)
+    rc = time_calls_between(st, recv_series, phase_send_untimed, phase_recv, NULL, &c, &c.first);
+  if (rc) return 1; /* a send-only call answered unsupported after it had served: a failure */
+  /* The checked iteration gave both phases the verdict of the hooked op; without it (no
+   * --check, or it stopped before the hooks), "unchecked" says they ran. */
+  benchSeries both[2] = {send_series, recv_series};
+  for (int i = 0; i < 2; ++i)
+    if (!o->check || bench_shm_verdict(st->shm, st->dtype, both[i], st->rank) == BENCH_NOT_RUN)
+      set_verdict(st, both[i], BENCH_UNCHECKED);
+  return 0;
+}
+
+/* Attaches the start gate where the device has one; every rank must have it, or none uses
+ * it (the lowest rank that could not says why, once). */
+static int gate_setup(rankState *st) {
+  const benchDevice *dev = st->dev;
+  int all[EPX_TEST_MAX_RANKS];
+  if (!dev->gate_attach || !dev->gate_enqueue || !dev->gate_timer_stop ||
+      !dev->gate_timer_read_us)
+    return 0;
+  size_t bytes = 0;
+  void *page = bench_shm_gate_page(st->shm, &bytes);
+  const char *why = dev->gate_attach(page, bytes, bench_shm_gate_go(st->shm),
+                                     bench_shm_gate_timed_out(st->shm, st->rank));
+  if (agree_all(st, why == NULL, all)) {
+    if (!why && dev->gate_detach) dev->gate_detach();
+    return 1;
+  }
+  int first_bad = -1;
+  for (int r = 0; r < st->nranks && first_bad < 0; ++r)
+    if (!all[r]) first_bad = r;
+  if (first_bad < 0) {
+    st->gated = 1;
+    return 0;
+  }
+  if (!why && dev->gate_detach) dev->gate_detach();
+  if (st->rank == first_bad)
+    fprintf(stderr,
+            "epx-bench: rank %d: no start gate (%s): device times include host launch skew "
+            "between ranks\n",
+            st->rank, why);
   return 0;
 }
 
@@ -383,37 +606,39 @@ static void baseline_teardown(rankState *st) {
   st->baseline = 0;
 }
 
-/* Times the all-to-all of series s (BENCH_NCCL_DISPATCH or _COMBINE) with rows of row_bytes,
- * the same way as the operations. */
-static int time_baseline(rankState *st, benchSeries s, size_t row_bytes) {
-  if (!st->baseline) return 0;
-  const benchOptions *o = st->opt;
-  int R = st->nranks, back = s == BENCH_NCCL_COMBINE;
+/* One all-to-all of the baseline as a timed call. */
+typedef struct baselineCall {
   size_t soff[EPX_TEST_MAX_RANKS], sbytes[EPX_TEST_MAX_RANKS];
   size_t roff[EPX_TEST_MAX_RANKS], rbytes[EPX_TEST_MAX_RANKS];
+} baselineCall;
+
+static int baseline_call(rankState *st, void *ctx) {
+  const baselineCall *c = ctx;
+  if (st->dev->baseline_alltoall(st->b_send, c->soff, c->sbytes, st->b_recv, c->roff,
+                                 c->rbytes) == 0)
+    return 0;
+  fprintf(stderr, "epx-bench rank %d: the baseline all-to-all failed\n", st->rank);
+  bench_shm_fail(st->shm);
+  return 1;
+}
+
+/* Times the all-to-all of series s (BENCH_NCCL_DISPATCH or _COMBINE) with rows of row_bytes,
+ * the same way as the operations (from the gate where there is one). */
+static int time_baseline(rankState *st, benchSeries s, size_t row_bytes) {
+  if (!st->baseline) return 0;
+  int R = st->nranks, back = s == BENCH_NCCL_COMBINE;
+  baselineCall c;
   size_t so = 0, ro = 0;
   for (int r = 0; r < R; ++r) {
-    sbytes[r] = (size_t)(back ? st->b_recv_rows[r] : st->b_send_rows[r]) * row_bytes;
-    rbytes[r] = (size_t)(back ? st->b_send_rows[r] : st->b_recv_rows[r]) * row_bytes;
-    soff[r] = so;
-    roff[r] = ro;
-    so += sbytes[r];
-    ro += rbytes[r];
+    c.sbytes[r] = (size_t)(back ? st->b_recv_rows[r] : st->b_send_rows[r]) * row_bytes;
+    c.rbytes[r] = (size_t)(back ? st->b_send_rows[r] : st->b_recv_rows[r]) * row_bytes;
+    c.soff[r] = so;
+    c.roff[r] = ro;
+    so += c.sbytes[r];
+    ro += c.rbytes[r];
   }
-  double *times = bench_shm_times(st->shm, st->dtype, s, st->rank);
-  for (int i = 0; i < o->warmup + o->iters; ++i) {
-    st->dev->flush_cache();
-    if (bench_barrier(st->shm, BARRIER_TIMEOUT_S)) return 1;
-    st->dev->timer_start();
-    int rc = st->dev->baseline_alltoall(st->b_send, soff, sbytes, st->b_recv, roff, rbytes);
-    double us = st->dev->timer_stop_us();
-    if (rc || us < 0.0) {
-      fprintf(stderr, "epx-bench rank %d: the baseline all-to-all failed\n", st->rank);
-      bench_shm_fail(st->shm);
-      return 1;
-    }
-    if (i >= o->warmup) times[i - o->warmup] = us;
-  }
+  int first = 1;
+  if (time_calls(st, s, baseline_call, &c, &first)) return 1;
   set_verdict(st, s, BENCH_UNCHECKED); /* ran; a baseline is timed, not checked */
   return 0;
 }
@@ -638,6 +863,7 @@ static int normal_pass(rankState *st, int first) {
   const benchOptions *o = st->opt;
   int rc = o->check ? normal_checked_iteration(st, first) : 0;
   if (!rc && first) rc = time_series(st, BENCH_LAYOUT, op_layout);
+  if (!rc && first) rc = time_e2e_twin(st, BENCH_LAYOUT, op_layout);
   if (!rc && first) st->layout_timed = 1;
   if (!rc) rc = time_series(st, BENCH_DISPATCH_E2E, op_dispatch_e2e);
   if (!rc) rc = time_series(st, BENCH_DISPATCH, op_dispatch_cached);
@@ -645,6 +871,7 @@ static int normal_pass(rankState *st, int first) {
   /* Combine after the BF16 dispatch: its handle and recv_x are the BF16 ones. */
   int combine = st->dtype == BENCH_BF16 && !st->unsupported[BENCH_COMBINE];
   if (!rc && combine) rc = time_series(st, BENCH_COMBINE, op_combine);
+  if (!rc && combine) rc = time_e2e_twin(st, BENCH_COMBINE, op_combine);
   if (!rc && combine) rc = time_baseline(st, BENCH_NCCL_COMBINE, 2 * (size_t)o->hidden);
   return rc;
 }
@@ -731,8 +958,16 @@ static int ll_alloc(rankState *st) {
   return bench_shm_failed(st->shm) ? 1 : 0;
 }
 
+/* What a checked low-latency iteration compares, and the series its verdicts go to. */
+typedef struct llCheck {
+  benchWorld *world;
+  benchSeries dispatch;
+  benchSeries combine; /* BENCH_NUM_SERIES: the combine did not run */
+} llCheck;
+
 static int check_ll_one_rank(rankState *st, void *arg) {
-  benchWorld *world = arg;
+  const llCheck *c = arg;
+  benchWorld *world = c->world;
   const benchOptions *o = st->opt;
   size_t rows = ll_rows(st), H = (size_t)o->hidden;
   int fp8 = st->dtype == BENCH_FP8;
@@ -748,31 +983,66 @@ static int check_ll_one_rank(rankState *st, void *arg) {
                                         (size_t)st->E_local * (size_t)st->nranks * sizeof(int64_t));
   int rc = v.failed;
   if (!rc)
-    rc = record_check(st, BENCH_LL_DISPATCH,
-                      bench_check_ll_dispatch(world, st->rank, st->tokens, fp8, &h), "ll_dispatch");
-  if (!rc && !fp8 && !st->unsupported[BENCH_LL_COMBINE]) {
+    rc = record_check(st, c->dispatch,
+                      bench_check_ll_dispatch(world, st->rank, st->tokens, fp8, &h),
+                      c->dispatch == BENCH_LL_DISPATCH ? "ll_dispatch" : "ll_dispatch (hooked)");
+  if (!rc && !fp8 && c->combine != BENCH_NUM_SERIES) {
     const void *cx = view(st, &v, st->combined_x, (size_t)st->tokens * H * 2);
     rc = v.failed;
     if (!rc)
-      rc = record_check(st, BENCH_LL_COMBINE,
-                        bench_check_ll_combine(world, st->rank, st->tokens, cx), "ll_combine");
+      rc = record_check(st, c->combine, bench_check_ll_combine(world, st->rank, st->tokens, cx),
+                        c->combine == BENCH_LL_COMBINE ? "ll_combine" : "ll_combine (hooked)");
   }
   release_views(&v);
   if (v.failed) bench_shm_fail(st->shm);
   return rc;
 }
 
-static int ll_checked_iteration(rankState *st) {
+static int ll_poison(rankState *st) {
   const benchOptions *o = st->opt;
   size_t rows = ll_rows(st), H = (size_t)o->hidden;
+  return dev_poison(st, st->ll_recv_x, rows * H * 2) ||
+         dev_poison(st, st->ll_scales, rows * (size_t)epx_scale_cols_f32(o->hidden) * 4) ||
+         dev_poison(st, st->ll_src_info, rows * sizeof(int)) ||
+         dev_poison(st, st->ll_range, (size_t)st->E_local * (size_t)st->nranks * sizeof(int64_t)) ||
+         dev_poison(st, st->ll_count, (size_t)st->E_local * sizeof(int)) ||
+         dev_poison(st, st->combined_x, (size_t)st->tokens * H * 2);
+}
+
+/* The checked iteration once more through the hooks: each op as its send-only call, then
+ * epxLowLatencyRecv. The verdict of the outputs goes to both phase series of the op. A
+ * send-only call the backend cannot serve is noted (st->unsupported) and its phases left
+ * out; those of the combine go with the dispatch's. */
+static int ll_checked_hooks(rankState *st, benchWorld *world) {
+  int combine = st->dtype == BENCH_BF16 && !st->unsupported[BENCH_LL_COMBINE];
+  if (ll_poison(st)) return 1;
+  int orc = op_result(st, BENCH_LL_DISPATCH_SEND, "epxLowLatencyDispatch (send only)",
+                      op_ll_dispatch_send(st));
+  if (orc == RC_UNSUPPORTED) return 0;
+  if (orc || epx_failed(st, "epxLowLatencyRecv (dispatch)", op_ll_recv(st))) return 1;
+  if (combine) {
+    orc = op_result(st, BENCH_LL_COMBINE_SEND, "epxLowLatencyCombine (send only)",
+                    op_ll_combine_send(st));
+    if (orc == 1) return 1;
+    if (orc == RC_UNSUPPORTED)
+      combine = 0;
+    else if (epx_failed(st, "epxLowLatencyRecv (combine)", op_ll_recv(st)))
+      return 1;
+  }
+  llCheck c = {world, BENCH_LL_DISPATCH_SEND, combine ? BENCH_LL_COMBINE_SEND : BENCH_NUM_SERIES};
+  int rc = one_at_a_time(st, check_ll_one_rank, &c);
+  if (rc) return rc;
+  bench_shm_set_verdict(st->shm, st->dtype, BENCH_LL_DISPATCH_RECV, st->rank,
+                        bench_shm_verdict(st->shm, st->dtype, BENCH_LL_DISPATCH_SEND, st->rank));
+  if (combine)
+    bench_shm_set_verdict(st->shm, st->dtype, BENCH_LL_COMBINE_RECV, st->rank,
+                          bench_shm_verdict(st->shm, st->dtype, BENCH_LL_COMBINE_SEND, st->rank));
+  return 0;
+}
+
+static int ll_checked_iteration(rankState *st) {
   int combine = st->dtype == BENCH_BF16;
-  if (dev_poison(st, st->ll_recv_x, rows * H * 2) ||
-      dev_poison(st, st->ll_scales, rows * (size_t)epx_scale_cols_f32(o->hidden) * 4) ||
-      dev_poison(st, st->ll_src_info, rows * sizeof(int)) ||
-      dev_poison(st, st->ll_range, (size_t)st->E_local * (size_t)st->nranks * sizeof(int64_t)) ||
-      dev_poison(st, st->ll_count, (size_t)st->E_local * sizeof(int)) ||
-      dev_poison(st, st->combined_x, (size_t)st->tokens * H * 2))
-    return 1;
+  if (ll_poison(st)) return 1;
   int orc = op_result(st, BENCH_LL_DISPATCH, "epxLowLatencyDispatch", op_ll_dispatch(st));
   if (orc) return orc;
   /* A combine the backend cannot serve leaves the dispatch to check and time. */
@@ -780,9 +1050,36 @@ static int ll_checked_iteration(rankState *st) {
   if (orc == 1) return 1;
   benchWorld world;
   bench_world_build(&world, &st->p, BENCH_BF16);
-  int rc = one_at_a_time(st, check_ll_one_rank, &world);
+  llCheck c = {&world, BENCH_LL_DISPATCH,
+               combine && orc == 0 ? BENCH_LL_COMBINE : BENCH_NUM_SERIES};
+  int rc = one_at_a_time(st, check_ll_one_rank, &c);
+  if (!rc) rc = ll_checked_hooks(st, &world);
   bench_world_free(&world);
   return rc;
+}
+
+/* The series of a low-latency pass the backend cannot serve: an op it does not serve, with
+ * its phases; the combine's rows need the dispatch's, and its phases the dispatch's phases. */
+static int ll_unsupported(rankState *st) {
+  int bf16 = st->dtype == BENCH_BF16;
+  int dispatch = st->unsupported[BENCH_LL_DISPATCH];
+  int dispatch_phases = dispatch || st->unsupported[BENCH_LL_DISPATCH_SEND];
+  int combine = bf16 && (dispatch || st->unsupported[BENCH_LL_COMBINE]);
+  int combine_phases =
+      bf16 && (combine || dispatch_phases || st->unsupported[BENCH_LL_COMBINE_SEND]);
+  benchSeries list[6];
+  int n = 0;
+  if (dispatch) list[n++] = BENCH_LL_DISPATCH;
+  if (dispatch_phases) {
+    list[n++] = BENCH_LL_DISPATCH_SEND;
+    list[n++] = BENCH_LL_DISPATCH_RECV;
+  }
+  if (combine) list[n++] = BENCH_LL_COMBINE;
+  if (combine_phases) {
+    list[n++] = BENCH_LL_COMBINE_SEND;
+    list[n++] = BENCH_LL_COMBINE_RECV;
+  }
+  return mark_unsupported(st, list, n);
 }
 
 static int run_low_latency(rankState *st) {
@@ -795,20 +1092,25 @@ static int run_low_latency(rankState *st) {
     int bf16 = st->dtype == BENCH_BF16;
     int rc = o->check ? ll_checked_iteration(st) : 0;
     if (!rc) rc = time_series(st, BENCH_LL_DISPATCH, op_ll_dispatch);
+    if (!rc) rc = time_e2e_twin(st, BENCH_LL_DISPATCH, op_ll_dispatch);
     if (!rc) rc = time_baseline(st, BENCH_NCCL_DISPATCH, baseline_row_bytes(st));
-    /* Combine after the BF16 dispatch: the handle and recv_x are the BF16 ones. */
+    if (!rc) rc = time_phases(st, BENCH_LL_DISPATCH_SEND, BENCH_LL_DISPATCH_RECV,
+                              op_ll_dispatch_send);
+    /* Combine after the BF16 dispatch: the handle and recv_x are the BF16 ones (the hooked
+     * dispatch's, received: the same outputs). */
     if (!rc && bf16 && !st->unsupported[BENCH_LL_COMBINE])
       rc = time_series(st, BENCH_LL_COMBINE, op_ll_combine);
     if (!rc && bf16 && !st->unsupported[BENCH_LL_COMBINE])
+      rc = time_e2e_twin(st, BENCH_LL_COMBINE, op_ll_combine);
+    if (!rc && bf16 && !st->unsupported[BENCH_LL_COMBINE])
       rc = time_baseline(st, BENCH_NCCL_COMBINE, 2 * (size_t)o->hidden);
+    if (!rc && bf16 && !st->unsupported[BENCH_LL_COMBINE] &&
+        !st->unsupported[BENCH_LL_DISPATCH_SEND])
+      rc = time_phases(st, BENCH_LL_COMBINE_SEND, BENCH_LL_COMBINE_RECV, op_ll_combine_send);
     if (rc == 1) return 1;
-    if (rc == RC_UNSUPPORTED || st->unsupported[BENCH_LL_COMBINE]) {
-      benchSeries list[2];
-      int n = 0;
-      if (st->unsupported[BENCH_LL_DISPATCH]) list[n++] = BENCH_LL_DISPATCH;
-      if (bf16 && (st->unsupported[BENCH_LL_DISPATCH] || st->unsupported[BENCH_LL_COMBINE]))
-        list[n++] = BENCH_LL_COMBINE; /* it needs the dispatch's rows */
-      if (mark_unsupported(st, list, n)) return 1;
+    if (rc == RC_UNSUPPORTED || st->unsupported[BENCH_LL_COMBINE] ||
+        st->unsupported[BENCH_LL_DISPATCH_SEND] || st->unsupported[BENCH_LL_COMBINE_SEND]) {
+      if (ll_unsupported(st)) return 1;
     }
   }
   return 0;
@@ -900,8 +1202,10 @@ int bench_rank_main(int rank, int nranks, const epxUniqueId *id, void *arg) {
     for (int d = 0; d < BENCH_NUM_DTYPES && !rc; ++d) {
       if (!o->dtypes[d]) continue;
       st.dtype = (benchDtype)d;
-      benchSeries list[2] = {BENCH_LL_DISPATCH, BENCH_LL_COMBINE};
-      rc = mark_unsupported(&st, list, st.dtype == BENCH_BF16 ? 2 : 1);
+      benchSeries list[6] = {BENCH_LL_DISPATCH,     BENCH_LL_DISPATCH_SEND,
+                             BENCH_LL_DISPATCH_RECV, BENCH_LL_COMBINE,
+                             BENCH_LL_COMBINE_SEND,  BENCH_LL_COMBINE_RECV};
+      rc = mark_unsupported(&st, list, st.dtype == BENCH_BF16 ? 6 : 3);
     }
     goto done;
   }
@@ -911,14 +1215,19 @@ int bench_rank_main(int rank, int nranks, const epxUniqueId *id, void *arg) {
   if (rank == 0) {
     bench_shm_set_buffer_bytes(
         st.shm, job->mode == BENCH_LOW_LATENCY ? hints.ll_buffer_bytes : hints.comm_buffer_bytes);
-    int sms = st.dev->effective_sms ? st.dev->effective_sms(o->sms) : o->sms;
-    bench_shm_set_sms(st.shm, sms >= 0 ? sms : o->sms);
+    /* The SMs the library says its kernels of this mode occupy (0 on the host backend);
+     * if it cannot say, -1 stays: a null in the records. */
+    epxCommInfo_t info;
+    if (epxCommGetInfo(st.comm, &info) == epxSuccess)
+      bench_shm_set_sms(st.shm, job->mode == BENCH_LOW_LATENCY ? info.ll_sms : info.normal_sms);
   }
   bench_count_routing(&st.p, rank, &st.routing);
   if (baseline_setup(&st)) goto done;
+  if (gate_setup(&st)) goto done;
   rc = job->mode == BENCH_LOW_LATENCY ? run_low_latency(&st) : run_normal(&st);
 done:
   if (rc) bench_shm_fail(st.shm);
+  if (st.gated && st.dev->gate_detach) st.dev->gate_detach();
   baseline_teardown(&st);
   rank_free(&st);
   st.dev->rank_teardown();

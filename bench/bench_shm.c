@@ -5,6 +5,9 @@
  * inherits it at the same address. Ranks write their own slots only (times, bytes, verdicts);
  * the parent reads them after every rank has exited, so no locking is needed beyond the
  * barrier's atomics. Lock-free atomics on int are address-free, hence valid across processes.
+ *
+ * The start gate's words (bench.h) have a page of their own at the end of the mapping, so a
+ * device can map just them (cudaHostRegister works on whole pages).
  */
 #include <sched.h>
 #include <stdatomic.h>
@@ -12,11 +15,20 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "bench.h"
 
+/* The gate's page. `go` on a cache line of its own: the GPUs poll it while rank 0 writes it. */
+typedef struct benchGateWords {
+  volatile uint32_t go;
+  unsigned char pad[124];
+  volatile uint32_t timed_out[EPX_TEST_MAX_RANKS];
+} benchGateWords;
+
 struct benchShm {
   size_t map_bytes;
+  size_t gate_offset, gate_bytes; /* the gate's page, from the start of the mapping */
   int nranks, iters;
   atomic_int arrived;    /* ranks in the current barrier */
   atomic_int generation; /* barriers completed */
@@ -42,7 +54,12 @@ benchShm *bench_shm_create(int nranks, int iters) {
     fprintf(stderr, "epx-bench: bad channel size (%d ranks, %d iterations)\n", nranks, iters);
     return NULL;
   }
-  size_t bytes = sizeof(benchShm) + times_count(nranks, iters) * sizeof(double);
+  long page = sysconf(_SC_PAGESIZE);
+  size_t pg = page > 0 ? (size_t)page : 4096;
+  size_t gate_bytes = (sizeof(benchGateWords) + pg - 1) / pg * pg;
+  size_t data = sizeof(benchShm) + times_count(nranks, iters) * sizeof(double);
+  size_t gate_offset = (data + pg - 1) / pg * pg;
+  size_t bytes = gate_offset + gate_bytes;
   void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
   if (p == MAP_FAILED) {
     perror("epx-bench: mmap of the rank channel");
@@ -50,6 +67,8 @@ benchShm *bench_shm_create(int nranks, int iters) {
   }
   benchShm *s = p;
   s->map_bytes = bytes;
+  s->gate_offset = gate_offset;
+  s->gate_bytes = gate_bytes;
   s->nranks = nranks;
   s->iters = iters;
   bench_shm_reset(s);
@@ -71,6 +90,7 @@ void bench_shm_reset(benchShm *s) {
   memset(s->verdict, 0, sizeof(s->verdict));
   memset(s->bytes, 0, sizeof(s->bytes));
   memset(s->times, 0, times_count(s->nranks, s->iters) * sizeof(double));
+  memset((char *)s + s->gate_offset, 0, s->gate_bytes);
 }
 
 static double now_s(void) {
@@ -136,3 +156,21 @@ void bench_shm_set_sms(benchShm *s, int sms) { s->sms = sms; }
 int bench_shm_sms(const benchShm *s) { return s->sms; }
 int *bench_shm_flags(benchShm *s) { return s->flags; }
 void *bench_shm_baseline_id(benchShm *s) { return s->baseline_id; }
+
+static benchGateWords *gate_words(benchShm *s) {
+  return (benchGateWords *)(void *)((char *)s + s->gate_offset);
+}
+void *bench_shm_gate_page(benchShm *s, size_t *bytes) {
+  *bytes = s->gate_bytes;
+  return gate_words(s);
+}
+volatile uint32_t *bench_shm_gate_go(benchShm *s) { return &gate_words(s)->go; }
+volatile uint32_t *bench_shm_gate_timed_out(benchShm *s, int rank) {
+  return &gate_words(s)->timed_out[rank];
+}
+void bench_shm_gate_open(benchShm *s, uint32_t gen) {
+  /* Everything before it (the barrier) first; then the store, pushed out at once. */
+  __sync_synchronize();
+  gate_words(s)->go = gen;
+  __sync_synchronize();
+}

@@ -14,7 +14,9 @@
  *    copy per (token, destination rank) - the floor any implementation moves; rows to itself
  *    are not counted. Dispatch sends the rank's own tokens out; combine sends back the rows
  *    received from other ranks (a rank sums its experts of a token before sending).
- * Rates use the bytes of the slowest rank (largest median time) and the p50 time.
+ * Rates use the bytes of the slowest rank (largest median time) and the p50 time. The phases
+ * of a low-latency op (send alone, receive alone) get times and no rates: the bytes of the
+ * spec's figures are those of the whole call.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -104,20 +106,28 @@ benchRankBytes bench_series_bytes(benchDtype d, benchSeries s, int hidden, const
       b.physical = (double)r->send_remote * row_bytes(d, hidden);
       break;
     case BENCH_COMBINE:
+    case BENCH_COMBINE_E2E:
       b.logical = (double)r->recv_rows * bf16_row;
       b.physical = (double)r->recv_remote * bf16_row;
       break;
     case BENCH_LL_DISPATCH:
+    case BENCH_LL_DISPATCH_E2E:
       b.logical =
           (double)r->selections *
           (d == BENCH_FP8 ? (double)hidden + (double)hidden / 128.0 * 4.0 + 16.0 : bf16_row);
       b.physical = (double)r->send_remote * row_bytes(d, hidden);
       break;
     case BENCH_LL_COMBINE:
+    case BENCH_LL_COMBINE_E2E:
       b.logical = (double)r->selections * bf16_row;
       b.physical = (double)r->recv_remote * bf16_row;
       break;
     case BENCH_LAYOUT:
+    case BENCH_LAYOUT_E2E:
+    case BENCH_LL_DISPATCH_SEND: /* a phase has a time only (bench.h) */
+    case BENCH_LL_DISPATCH_RECV:
+    case BENCH_LL_COMBINE_SEND:
+    case BENCH_LL_COMBINE_RECV:
     case BENCH_NCCL_DISPATCH:
     case BENCH_NCCL_COMBINE:
     case BENCH_NUM_SERIES: break;
@@ -182,7 +192,7 @@ int bench_summarise(const benchShm *s, const benchOptions *o, benchMode mode, be
   rec->hidden = o->hidden;
   rec->topk = o->topk;
   rec->experts = o->experts;
-  rec->sms = mode == BENCH_NORMAL ? bench_shm_sms(s) : o->sms;
+  rec->sms = bench_shm_sms(s); /* rank 0's: the mode's kernels, -1 unknown */
   rec->verdict = v;
   rec->nccl_time_us_p50 = -1.0;
   rec->buffer_bytes = series == BENCH_LAYOUT ? 0 : bench_shm_buffer_bytes(s);
@@ -194,12 +204,21 @@ int bench_summarise(const benchShm *s, const benchOptions *o, benchMode mode, be
 
   int slowest = 0;
   series_times(s, nranks, d, series, &rec->time_us_p50, &rec->time_us_p99, &slowest);
+  if (bench_series_phase(series)) { /* a phase: its time only (bench.h) */
+    rec->e2e_us = rec->logical_gbps = rec->physical_gbps = -1.0;
+    return 0;
+  }
+  /* e2e: the wall-clock twin where one ran (the dispatch's always: layout + notify +
+   * dispatch), else the time itself (a device whose timer is the wall clock). */
   rec->e2e_us = rec->time_us_p50;
-  if (series == BENCH_DISPATCH) {
+  benchSeries twin = bench_series_e2e(series);
+  benchVerdict ve = twin == BENCH_NUM_SERIES ? BENCH_NOT_RUN : worst_verdict(s, nranks, d, twin);
+  if (ve != BENCH_NOT_RUN && ve != BENCH_NOT_SUPPORTED) {
     double e2e_p99;
     int e2e_slowest;
-    series_times(s, nranks, d, BENCH_DISPATCH_E2E, &rec->e2e_us, &e2e_p99, &e2e_slowest);
-    benchVerdict ve = worst_verdict(s, nranks, d, BENCH_DISPATCH_E2E);
+    series_times(s, nranks, d, twin, &rec->e2e_us, &e2e_p99, &e2e_slowest);
+  }
+  if (series == BENCH_DISPATCH) { /* the exact-size dispatch is checked on its own */
     if (ve == BENCH_WRONG || (ve == BENCH_UNCHECKED && v == BENCH_CORRECT)) rec->verdict = ve;
   }
   benchSeries baseline = BENCH_NUM_SERIES;

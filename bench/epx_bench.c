@@ -24,8 +24,8 @@
 #define DEFAULT_ITERS BENCH_MIN_RECORDED_ITERS
 #define DEFAULT_WARMUP 5
 #define DEFAULT_SEED 1
-/* Records of one run: modes x dtypes x ops. */
-#define MAX_RECORDS 16
+/* Records of one run: modes x dtypes x ops (low latency: x 3, the phases). */
+#define MAX_RECORDS 32
 
 const char *bench_mode_name(benchMode m) {
   return m == BENCH_LOW_LATENCY ? "low_latency" : "normal";
@@ -33,10 +33,47 @@ const char *bench_mode_name(benchMode m) {
 const char *bench_dtype_name(benchDtype d) { return d == BENCH_FP8 ? "fp8" : "bf16"; }
 const char *bench_series_op(benchSeries s) {
   switch (s) {
-    case BENCH_LAYOUT: return "layout";
+    case BENCH_LAYOUT:
+    case BENCH_LAYOUT_E2E: return "layout";
     case BENCH_COMBINE:
-    case BENCH_LL_COMBINE: return "combine";
+    case BENCH_COMBINE_E2E:
+    case BENCH_LL_COMBINE:
+    case BENCH_LL_COMBINE_E2E:
+    case BENCH_LL_COMBINE_SEND:
+    case BENCH_LL_COMBINE_RECV:
+    case BENCH_NCCL_COMBINE: return "combine";
     default: return "dispatch";
+  }
+}
+
+const char *bench_series_phase(benchSeries s) {
+  switch (s) {
+    case BENCH_LL_DISPATCH_SEND:
+    case BENCH_LL_COMBINE_SEND: return "send";
+    case BENCH_LL_DISPATCH_RECV:
+    case BENCH_LL_COMBINE_RECV: return "recv";
+    default: return NULL;
+  }
+}
+
+benchSeries bench_series_e2e(benchSeries s) {
+  switch (s) {
+    case BENCH_LAYOUT: return BENCH_LAYOUT_E2E;
+    case BENCH_DISPATCH: return BENCH_DISPATCH_E2E;
+    case BENCH_COMBINE: return BENCH_COMBINE_E2E;
+    case BENCH_LL_DISPATCH: return BENCH_LL_DISPATCH_E2E;
+    case BENCH_LL_COMBINE: return BENCH_LL_COMBINE_E2E;
+    default: return BENCH_NUM_SERIES;
+  }
+}
+
+benchSeries bench_series_base(benchSeries s) {
+  switch (s) {
+    case BENCH_LAYOUT_E2E: return BENCH_LAYOUT;
+    case BENCH_COMBINE_E2E: return BENCH_COMBINE;
+    case BENCH_LL_DISPATCH_E2E: return BENCH_LL_DISPATCH;
+    case BENCH_LL_COMBINE_E2E: return BENCH_LL_COMBINE;
+    default: return s;
   }
 }
 
@@ -64,8 +101,11 @@ static void usage(FILE *f) {
           "  --seed S             input seed (default %d)\n"
           "  --check, --no-check  compare one iteration with the CPU reference (default on)\n"
           "  --json FILE          merge result records into FILE (a JSON array)\n"
-          "  --machine NAME       machine kind in the records (default $EPX_MACHINE or "
-          "host-<nproc>cpu)\n"
+          "  --machine NAME       machine kind in the records (default $EPX_MACHINE, else "
+          "from the GPUs\n"
+          "                       as <gpu name>-x<count> (e.g. nvidia-h200-x2) with the CUDA "
+          "backend,\n"
+          "                       else host-<nproc>cpu)\n"
           "  --timeout S          wall-clock limit of one mode's run (default %d)\n"
           "  --print-backend      print the backend and rank count a run would use, and exit\n",
           BENCH_STD_NORMAL_TOKENS, BENCH_STD_LL_TOKENS, BENCH_STD_HIDDEN, BENCH_STD_TOPK,
@@ -174,6 +214,7 @@ static int parse_options(int argc, char **argv, benchOptions *o) {
   const char *env_machine = getenv("EPX_MACHINE");
   if (env_machine && *env_machine) {
     o->machine = env_machine;
+    o->machine_given = 1;
   } else {
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     snprintf(machine_buf, sizeof(machine_buf), "host-%ldcpu", ncpu > 0 ? ncpu : 1L);
@@ -201,7 +242,10 @@ static int parse_options(int argc, char **argv, benchOptions *o) {
       case OPT_NO_CHECK: o->check = 0; break;
       case OPT_JSON: o->json_path = optarg; break;
       case OPT_PRINT_BACKEND: o->print_backend = 1; break;
-      case OPT_MACHINE: o->machine = optarg; break;
+      case OPT_MACHINE:
+        o->machine = optarg;
+        o->machine_given = 1;
+        break;
       case OPT_BACKEND:
         if (strcmp(optarg, "host") == 0)
           o->backend = epxBackendHost;
@@ -263,9 +307,15 @@ static int resolve(benchOptions *o, const benchDevice **dev) {
     return 1;
   }
   if (o->nranks == 0) o->nranks = (*dev)->default_ranks();
+  if (!o->machine_given && (*dev)->default_machine) {
+    const char *m = (*dev)->default_machine();
+    if (m) o->machine = m;
+  }
   int R = o->nranks;
   const char *why = NULL;
-  if (o->experts % R != 0)
+  if (R < 1)
+    why = "no ranks: the CUDA backend sees no GPU here (use --backend host, or --ranks N)";
+  else if (o->experts % R != 0)
     why = "--experts must be a multiple of --ranks";
   else if (o->ranks_per_node > 0 && R % o->ranks_per_node != 0)
     why = "--ranks must be a multiple of --ranks-per-node";
@@ -303,6 +353,16 @@ static void print_header(const benchOptions *o, const benchDevice *dev, const be
       " seed %llu\n",
       o->hidden, o->topk, o->experts, bench_mode_tokens(o, BENCH_NORMAL),
       bench_mode_tokens(o, BENCH_LOW_LATENCY), (unsigned long long)o->seed);
+  if (dev->gate_attach)
+    printf(
+        "# time = GPU time from a gated common start (CUDA events; every GPU held until all "
+        "ranks have enqueued the call, then released at once: no host launch skew)\n"
+        "# e2e = host call to completion (wall clock, after a host barrier); "
+        "dispatch e2e = layout + notify + dispatch\n");
+  else
+    printf(
+        "# time = host call to completion (wall clock, after a host barrier); e2e = the same,"
+        " except dispatch e2e = layout + notify + dispatch\n");
   printf(
       "# time: per iteration the slowest rank's, p50/p99 over %d timed iterations after %d "
       "warm-up, caches flushed before each\n",
@@ -310,48 +370,59 @@ static void print_header(const benchOptions *o, const benchDevice *dev, const be
   printf(
       "# GB/s: logical = DeepEP's count (normal: received tokens x H x 2, FP8 x (1+4/128)/2;"
       " low latency: selections x message); physical = bytes sent to other ranks\n");
-  printf(
-      "# dispatch time = cached re-dispatch (data movement); e2e = layout + notify + "
-      "dispatch (wall clock)\n");
+  printf("# dispatch time = cached re-dispatch (data movement)\n");
+  if (o->modes[BENCH_LOW_LATENCY])
+    printf(
+        "# low latency, op/send = the call with return_recv_hook=1 alone (its receive follows, "
+        "untimed); op/recv = epxLowLatencyRecv alone, after every rank's send has completed; "
+        "phases have a time only\n");
   const char *why = dev->baseline_unavailable ? dev->baseline_unavailable(o->nranks)
                                               : "this device has no baseline";
   if (why)
     printf("# nccl baseline: skipped (%s)\n", why);
   else
     printf("# nccl baseline: ncclSend/ncclRecv all-to-all of the same rows, timed the same way\n");
-  printf("%-11s %-8s %-5s %5s %6s %6s %4s %7s %10s %10s %9s %9s %10s %9s %10s %-9s\n", "mode", "op",
-         "dtype", "ranks", "tokens", "hidden", "topk", "experts", "p50_us", "p99_us", "log_GB/s",
-         "phys_GB/s", "e2e_us", "nccl_us", "buf_MiB", "check");
+  printf("%-11s %-13s %-5s %5s %6s %6s %4s %7s %10s %10s %9s %9s %10s %9s %10s %-9s\n", "mode",
+         "op", "dtype", "ranks", "tokens", "hidden", "topk", "experts", "p50_us", "p99_us",
+         "log_GB/s", "phys_GB/s", "e2e_us", "nccl_us", "buf_MiB", "check");
   fflush(stdout);
 }
 
+/* "dispatch", or with its phase "dispatch/send". */
+static const char *row_op(benchSeries s, char *buf, size_t cap) {
+  const char *phase = bench_series_phase(s);
+  if (!phase) return bench_series_op(s);
+  snprintf(buf, cap, "%s/%s", bench_series_op(s), phase);
+  return buf;
+}
+
+/* A figure, or "-" when absent (< 0). */
+static const char *figure(double v, const char *fmt, char *buf, size_t cap) {
+  if (v < 0)
+    snprintf(buf, cap, "-");
+  else
+    snprintf(buf, cap, fmt, v);
+  return buf;
+}
+
 static void print_row(const benchRecord *r) {
-  char logical[32], physical[32], nccl[32];
+  char op[32], logical[32], physical[32], e2e[32], nccl[32];
   if (r->verdict == BENCH_NOT_SUPPORTED) {
-    printf("%-11s %-8s %-5s %5d %6d %6d %4d %7d %10s %10s %9s %9s %10s %9s %10s %-9s\n",
-           bench_mode_name(r->mode), bench_series_op(r->series), bench_dtype_name(r->dtype),
+    printf("%-11s %-13s %-5s %5d %6d %6d %4d %7d %10s %10s %9s %9s %10s %9s %10s %-9s\n",
+           bench_mode_name(r->mode), row_op(r->series, op, sizeof(op)), bench_dtype_name(r->dtype),
            r->ranks, r->tokens, r->hidden, r->topk, r->experts, "-", "-", "-", "-", "-", "-", "-",
            "not supported");
     fflush(stdout);
     return;
   }
-  if (r->logical_gbps < 0)
-    snprintf(logical, sizeof(logical), "-");
-  else
-    snprintf(logical, sizeof(logical), "%.2f", r->logical_gbps);
-  if (r->physical_gbps < 0)
-    snprintf(physical, sizeof(physical), "-");
-  else
-    snprintf(physical, sizeof(physical), "%.2f", r->physical_gbps);
-  if (r->nccl_time_us_p50 < 0)
-    snprintf(nccl, sizeof(nccl), "-");
-  else
-    snprintf(nccl, sizeof(nccl), "%.1f", r->nccl_time_us_p50);
-  printf("%-11s %-8s %-5s %5d %6d %6d %4d %7d %10.1f %10.1f %9s %9s %10.1f %9s %10.1f %-9s\n",
-         bench_mode_name(r->mode), bench_series_op(r->series), bench_dtype_name(r->dtype), r->ranks,
-         r->tokens, r->hidden, r->topk, r->experts, r->time_us_p50, r->time_us_p99, logical,
-         physical, r->e2e_us, nccl, (double)r->buffer_bytes / (1024.0 * 1024.0),
-         verdict_word(r->verdict));
+  printf("%-11s %-13s %-5s %5d %6d %6d %4d %7d %10.1f %10.1f %9s %9s %10s %9s %10.1f %-9s\n",
+         bench_mode_name(r->mode), row_op(r->series, op, sizeof(op)), bench_dtype_name(r->dtype),
+         r->ranks, r->tokens, r->hidden, r->topk, r->experts, r->time_us_p50, r->time_us_p99,
+         figure(r->logical_gbps, "%.2f", logical, sizeof(logical)),
+         figure(r->physical_gbps, "%.2f", physical, sizeof(physical)),
+         figure(r->e2e_us, "%.1f", e2e, sizeof(e2e)),
+         figure(r->nccl_time_us_p50, "%.1f", nccl, sizeof(nccl)),
+         (double)r->buffer_bytes / (1024.0 * 1024.0), verdict_word(r->verdict));
   fflush(stdout);
 }
 
@@ -359,9 +430,11 @@ static void print_row(const benchRecord *r) {
 static int collect(const benchShm *shm, const benchOptions *o, benchMode mode, benchRecord *recs,
                    int n) {
   static const benchSeries normal_ops[] = {BENCH_LAYOUT, BENCH_DISPATCH, BENCH_COMBINE};
-  static const benchSeries ll_ops[] = {BENCH_LL_DISPATCH, BENCH_LL_COMBINE};
+  static const benchSeries ll_ops[] = {BENCH_LL_DISPATCH,     BENCH_LL_DISPATCH_SEND,
+                                       BENCH_LL_DISPATCH_RECV, BENCH_LL_COMBINE,
+                                       BENCH_LL_COMBINE_SEND,  BENCH_LL_COMBINE_RECV};
   const benchSeries *ops = mode == BENCH_NORMAL ? normal_ops : ll_ops;
-  int nops = mode == BENCH_NORMAL ? 3 : 2;
+  int nops = mode == BENCH_NORMAL ? 3 : 6;
   for (int d = 0; d < BENCH_NUM_DTYPES; ++d)
     for (int i = 0; i < nops && n < MAX_RECORDS; ++i)
       if (bench_summarise(shm, o, mode, (benchDtype)d, ops[i], &recs[n]) == 0)

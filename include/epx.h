@@ -223,6 +223,9 @@ typedef struct epxCommInfo {
   int num_experts, num_local_experts;
   int hidden, max_topk, max_tokens_per_rank, ll_max_tokens_per_rank;
   epxBackend_t backend; /* the backend chosen (never Auto) */
+  /* SMs the kernels of each mode occupy (one block per SM): normal dispatch and
+   * combine, and the low-latency ops. 0 on the host backend or when the mode is off. */
+  int normal_sms, ll_sms;
 } epxCommInfo_t;
 
 epxResult_t epxCommGetInfo(epxComm_t comm, epxCommInfo_t *info);

@@ -114,7 +114,7 @@ class CommInfo(ctypes.Structure):
         ("rank", c_int), ("nranks", c_int), ("ranks_per_node", c_int), ("num_nodes", c_int),
         ("num_experts", c_int), ("num_local_experts", c_int), ("hidden", c_int),
         ("max_topk", c_int), ("max_tokens_per_rank", c_int), ("ll_max_tokens_per_rank", c_int),
-        ("backend", c_int),
+        ("backend", c_int), ("normal_sms", c_int), ("ll_sms", c_int),
     ]
 
 

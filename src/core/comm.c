@@ -457,6 +457,8 @@ EPX_API epxResult_t epxCommGetInfo(epxComm_t comm, epxCommInfo_t *info) {
   info->max_tokens_per_rank = comm->config.max_tokens_per_rank;
   info->ll_max_tokens_per_rank = comm->config.ll_max_tokens_per_rank;
   info->backend = comm->config.backend;
+  info->normal_sms = comm->normal_sms;
+  info->ll_sms = comm->ll_sms;
   return epxSuccess;
 }
 

@@ -75,6 +75,7 @@ struct epxComm {
   const struct epxBackendOps *ops;
   void *backend; /* backend-private state */
   void *ll_combine_buffer; /* lazily allocated zero-copy buffer (backend memory) */
+  int normal_sms, ll_sms;  /* set by the backend's init (epxCommInfo_t) */
   char last_error[EPX_ERROR_MSG_BYTES];
 };
 

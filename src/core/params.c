@@ -33,11 +33,21 @@ static const epxParamDef param_defs[EPX_PARAM_COUNT] = {
     [EPX_PARAM_HOST_CHUNK_TOKENS] = {"EPX_HOST_CHUNK_TOKENS", 1, 128, NULL,
                                      "host backend: source tokens per shared-memory round"},
     [EPX_PARAM_DUMP_PARAMS] = {"EPX_DUMP_PARAMS", 1, 0, NULL, "1: print this table at first use"},
-    [EPX_PARAM_CUDA_LL_VARIANT] = {"EPX_CUDA_LL_VARIANT", 1, 1, NULL,
+    [EPX_PARAM_CUDA_LL_VARIANT] = {"EPX_CUDA_LL_VARIANT", 1, 2, NULL,
                                    "CUDA low-latency kernels: 0 = one warp per message (old); "
-                                   "1 = row chunks over every warp, batched loads (default); "
+                                   "1 = row chunks over every warp, batched loads; "
                                    "2 = 1 with send and receive fused into one launch when there "
-                                   "is no receive hook (correct but ~10x slower on 2xH200)"},
+                                   "is no receive hook (default; ~2 us faster on 2xH200)"},
+    [EPX_PARAM_LIVENESS_INTERVAL_MS] = {"EPX_LIVENESS_INTERVAL_MS", 1, 100, NULL,
+                                        "CUDA backend: how often a watcher thread checks that "
+                                        "the peers' processes live (0 = no watcher: a killed "
+                                        "peer is then seen only at the timeout)"},
+    [EPX_PARAM_CUDA_TRACE] = {"EPX_CUDA_TRACE", 1, 0, NULL,
+                              "1: the CUDA low-latency kernels add up %globaltimer deltas per "
+                              "phase; each rank prints the means to stderr at destroy"},
+    [EPX_PARAM_CUDA_PDL] = {"EPX_CUDA_PDL", 1, 1, NULL,
+                            "1: the CUDA op kernels are launched as programmatic dependents of "
+                            "the kernel before them (hides launch gaps); 0: plain stream order"},
 };
 
 static int64_t int_values[EPX_PARAM_COUNT];

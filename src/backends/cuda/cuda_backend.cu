@@ -21,7 +21,21 @@
  * is read at the next call on the communicator, which fails with it and marks
  * the communicator failed (epx_set_async_error), because ranks that already
  * issued their next call can no longer line up (they time out).
+ *
+ * Dead peers (core/liveness.h): every communicator has one small POSIX segment
+ * (rank 0 creates it, every rank maps it and registers it with CUDA) holding a
+ * liveness word per rank. A rank writes its own word when it aborts, is
+ * destroyed, exits, or its device reported a fatal error; a watcher thread per
+ * communicator (every EPX_LIVENESS_INTERVAL_MS) marks a peer whose process is
+ * gone (kill(pid, 0), /proc start time and zombie state, for pids visible in
+ * this namespace) and publishes its own device's fatal errors. Every device
+ * wait reads the word of the peer it waits for with the abort flag, so a dead
+ * peer ends the wait with epxPeerFailed naming it within about one interval,
+ * not the hard timeout. Without the segment (shm or registration refused) the
+ * words live in process-local mapped memory filled by the watcher: killed
+ * peers are still seen, their aborts and destroys only at the timeout.
  */
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,6 +43,7 @@
 
 #include "backends/cuda/cuda_common.cuh"
 #include "bootstrap/bootstrap.h"
+#include "core/liveness.h"
 #include "core/log.h"
 #include "core/params.h"
 
@@ -42,9 +57,12 @@ typedef struct EpxCudaComm {
   char **peers_dev;         /* device copy of peer_host */
   EpxCudaState *state;
   int *scratch_pos;         /* [maxT, R] count-exchange scratch (see kernels_hello.cu) */
+  int *layout_scratch;      /* per-block layout histograms (kernels_layout.cu), or NULL */
   EpxHostShared *host;      /* host view */
   EpxHostShared *host_dev;  /* device view */
   int blocks;               /* blocks of the data kernels */
+  int trace;      /* EPX_CUDA_TRACE: LL phase times, printed at destroy */
+  int pdl;        /* EPX_CUDA_PDL: op kernels launched as programmatic dependents */
   /* low-latency mode */
   int ll_enabled;           /* 0: LL ops answer epxNotSupported (ll_off_reason) */
   const char *ll_off_reason;
@@ -57,6 +75,15 @@ typedef struct EpxCudaComm {
   char **ll_peers_dev;
   uint64_t ll_ops;          /* LL ops issued by this host (slot of op n: n & 1) */
   int ll_slot_pending[2];   /* a send-only phase in that slot awaits epxLowLatencyRecv */
+  /* liveness (see the top of this file) */
+  int rank;
+  pid_t owner_pid;          /* the process that made it (a forked child leaves it alone) */
+  int blocking_calls;       /* threads inside a host-synchronising call (atomic) */
+  int *pids;                /* [R] every rank's pid, for messages */
+  epxLive *live;            /* NULL with a single rank (or without memory) */
+  void *live_registered;    /* the segment, registered with CUDA; NULL if not */
+  epxLiveSlot *live_mirror; /* process-local words (cudaHostAlloc) when the segment is not */
+  const unsigned int *live_dev; /* device address of rank 0's word; NULL: no checks */
 } EpxCudaComm;
 
 /* Host-side state of a handle: the device arrays and the pending receive. */
@@ -78,6 +105,8 @@ typedef struct EpxCudaPeerInfo {
   cudaIpcMemHandle_t ll_ipc; /* LL region (when ll_bytes > 0) */
   unsigned long long ll_bytes;
   unsigned long long ll_ptr;
+  unsigned long long start_time; /* /proc start time of the process (0: unknown) */
+  int live_segment;              /* rank 0: the liveness segment exists */
 } EpxCudaPeerInfo;
 
 static EpxCudaComm *cc_of(epxComm_t comm) { return (EpxCudaComm *)comm->backend; }
@@ -116,7 +145,90 @@ static EpxDevCtx make_ctx(epxComm_t comm) {
   c.ll_peers = cc->ll_peers_dev;
   c.ll = cc->ll_lay;
   c.ll_max_tokens = comm->config.ll_max_tokens_per_rank;
+  c.live = cc->live_dev;
+  c.trace = cc->trace;
+  c.pdl = cc->pdl;
   return c;
+}
+
+/* ---- liveness ---- */
+
+/* Marks this rank's own word after a fatal device error, so that peers
+ * waiting on it stop at once, naming the root cause: the peer it lost, or the
+ * one that peer lost. Idempotent (the first reason stays). */
+static void live_mark_failed(EpxCudaComm *cc, int code, int peer, unsigned int why) {
+  if (!cc->live) return;
+  if (code == epxAborted) {
+    epx_live_mark(cc->live, cc->rank, EPX_PEER_ABORTED, -1, epxAborted);
+    return;
+  }
+  int culprit = peer;
+  if (code == epxPeerFailed && epx_live_why(why) == EPX_PEER_FAILED && epx_live_fail_peer(why) >= 0)
+    culprit = epx_live_fail_peer(why);
+  epx_live_mark(cc->live, cc->rank, EPX_PEER_FAILED, culprit, code);
+}
+
+/* The watcher's tick: a fatal error the device recorded is published to the
+ * peers even while the application makes no call that would read it. */
+static void live_tick(void *arg) {
+  EpxCudaComm *cc = (EpxCudaComm *)arg;
+  volatile EpxErrRecord *r = &cc->host->rec;
+  int code = r->code;
+  if (code == epxTimeout || code == epxAborted || code == epxPeerFailed)
+    live_mark_failed(cc, code, r->peer, r->why);
+}
+
+/* Communicators of this process, so that exit() can stop their kernels: the
+ * CUDA runtime's teardown at exit would otherwise wait for a kernel that waits
+ * for a peer (up to the hard timeout). */
+#define EPX_CUDA_MAX_LIVE_COMMS 256
+static pthread_mutex_t live_comms_lock = PTHREAD_MUTEX_INITIALIZER;
+static EpxCudaComm *live_comms[EPX_CUDA_MAX_LIVE_COMMS];
+static pthread_once_t live_atexit_once = PTHREAD_ONCE_INIT;
+
+static void live_at_exit(void) {
+  /* Never block an exit: skip the sweep if another thread holds the lock. */
+  if (pthread_mutex_trylock(&live_comms_lock) != 0) return;
+  for (int i = 0; i < EPX_CUDA_MAX_LIVE_COMMS; ++i) {
+    EpxCudaComm *cc = live_comms[i];
+    if (!cc || cc->owner_pid != getpid()) continue;
+    if (cc->live) epx_live_mark(cc->live, cc->rank, EPX_PEER_EXITED, -1, 0);
+    if (cc->host) cc->host->abort = 1;
+    /* Its ticks read mapped memory the runtime's teardown may unmap. */
+    epx_live_stop(cc->live);
+  }
+  /* Another thread blocked in a notify now returns (its kernel saw the abort
+   * flag); let it leave the library before the runtime is torn down. */
+  int64_t until = epx_now_ns() + 500000000;
+  for (int i = 0; i < EPX_CUDA_MAX_LIVE_COMMS; ++i) {
+    EpxCudaComm *cc = live_comms[i];
+    if (!cc || cc->owner_pid != getpid()) continue;
+    while (__atomic_load_n(&cc->blocking_calls, __ATOMIC_ACQUIRE) > 0 && epx_now_ns() < until)
+      usleep(100);
+  }
+  pthread_mutex_unlock(&live_comms_lock);
+}
+
+static void live_register_atexit(void) { atexit(live_at_exit); }
+
+static void live_comms_add(EpxCudaComm *cc) {
+  /* Registered after the CUDA runtime's own exit handler (the runtime is
+   * initialised by now), so it runs before it. */
+  pthread_once(&live_atexit_once, live_register_atexit);
+  pthread_mutex_lock(&live_comms_lock);
+  for (int i = 0; i < EPX_CUDA_MAX_LIVE_COMMS; ++i)
+    if (!live_comms[i]) {
+      live_comms[i] = cc;
+      break;
+    }
+  pthread_mutex_unlock(&live_comms_lock);
+}
+
+static void live_comms_remove(EpxCudaComm *cc) {
+  pthread_mutex_lock(&live_comms_lock);
+  for (int i = 0; i < EPX_CUDA_MAX_LIVE_COMMS; ++i)
+    if (live_comms[i] == cc) live_comms[i] = NULL;
+  pthread_mutex_unlock(&live_comms_lock);
 }
 
 /* ---- error records ---- */
@@ -173,6 +285,17 @@ static epxResult_t report_record(epxComm_t comm, const char *when) {
               "%s%s (call %llu) aborted in phase '%s' while waiting for rank %d (epoch expected "
               "%lld, seen %lld)",
               when, op, seq, phase_name(r->phase), peer, expected, seen);
+  else if (code == epxPeerFailed) {
+    char why[192];
+    unsigned int w = r->why;
+    int pid = cc->pids && peer >= 0 && peer < comm->nranks ? cc->pids[peer] : -1;
+    epx_describe_dead(why, sizeof why, peer, pid, epx_live_why(w), epx_live_fail_peer(w),
+                      epx_live_fail_code(w));
+    epx_error(comm, epxPeerFailed,
+              "%s%s (call %llu) failed in phase '%s': %s (waiting for rank %d: expected epoch "
+              "%lld, seen %lld)",
+              when, op, seq, phase_name(r->phase), why, peer, expected, seen);
+  }
   else if (r->field == EPX_FIELD_CAPACITY)
     epx_error(comm, (epxResult_t)code,
               "%s%s (call %llu): %lld rows arrived but outputs->capacity_rows is %lld; outputs "
@@ -195,6 +318,7 @@ static epxResult_t report_record(epxComm_t comm, const char *when) {
               seq, code);
   if (fatal) {
     epx_set_async_error(comm, (epxResult_t)code);
+    live_mark_failed(cc, code, peer, r->why);
   } else {
     r->code = 0; /* reported; the next op resets the device-side claim */
   }
@@ -213,12 +337,93 @@ static epxResult_t check_earlier(epxComm_t comm) {
 
 /* ---- lifecycle ---- */
 
+/* After the exchange: maps the segment (ranks other than 0), records every
+ * peer's process for the watcher, and gives the device its view of the words:
+ * the segment registered with CUDA, or else process-local mapped words that
+ * the watcher fills. Every failure here only narrows what is detected (INFO). */
+static void live_attach(epxComm_t comm, EpxCudaComm *cc, const EpxCudaPeerInfo *all) {
+  const int R = comm->nranks, me = comm->rank;
+  char why[256] = "rank 0 could not create it";
+  if (me != 0 && (!all[0].live_segment ||
+                  epx_live_seg_open(cc->live, comm->uid, why, sizeof why) != 0))
+    EPX_INFO(me, "CUDA backend: no liveness segment (%s); a dead peer is seen through this rank's "
+             "watcher only, and its abort or destroy at the timeout", why);
+  for (int r = 0; r < R; ++r) {
+    int other_process = r != me && all[r].pid != all[me].pid;
+    int watch = other_process && epx_proc_visible((pid_t)all[r].pid, all[r].start_time);
+    if (other_process && !watch)
+      EPX_INFO(me, "CUDA backend: rank %d (pid %d) is not visible in /proc here; its death will "
+               "be seen only through its liveness word or the timeout", r, all[r].pid);
+    epx_live_set_peer(cc->live, r, (pid_t)all[r].pid, all[r].start_time, watch);
+  }
+  size_t bytes = 0, off = 0;
+  void *seg = epx_live_seg_mapping(cc->live, &bytes, &off);
+  if (seg) {
+    void *dev = NULL;
+    cudaError_t e = cudaHostRegister(seg, bytes, cudaHostRegisterMapped | cudaHostRegisterPortable);
+    if (e == cudaSuccess) {
+      e = cudaHostGetDevicePointer(&dev, seg, 0);
+      if (e == cudaSuccess) {
+        cc->live_registered = seg;
+        cc->live_dev = (const unsigned int *)((char *)dev + off);
+        EPX_INFO(me, "CUDA backend: liveness segment mapped for the device (%zu bytes)", bytes);
+        return;
+      }
+      cudaHostUnregister(seg);
+    }
+    (void)cudaGetLastError();
+    EPX_INFO(me, "CUDA backend: the liveness segment cannot be mapped for the device (%s); "
+             "kernels read process-local words the watcher copies from it",
+             cudaGetErrorString(e));
+  }
+  epxLiveSlot *mirror = NULL;
+  void *dev = NULL;
+  size_t mb = epx_live_slots_bytes(R);
+  cudaError_t e = cudaHostAlloc((void **)&mirror, mb, cudaHostAllocMapped);
+  if (e == cudaSuccess) {
+    memset((void *)mirror, 0, mb);
+    e = cudaHostGetDevicePointer(&dev, mirror, 0);
+    if (e != cudaSuccess) {
+      cudaFreeHost(mirror);
+      mirror = NULL;
+    }
+  }
+  if (e != cudaSuccess) {
+    (void)cudaGetLastError();
+    EPX_INFO(me, "CUDA backend: no mapped memory for the liveness words (%s): dead peers are "
+             "seen only at the timeout", cudaGetErrorString(e));
+    return;
+  }
+  cc->live_mirror = mirror;
+  cc->live_dev = (const unsigned int *)dev;
+  epx_live_set_mirror(cc->live, mirror);
+  EPX_INFO(me, "CUDA backend: liveness words are process-local (filled by the watcher)");
+}
+
+/* Starts the watcher (EPX_LIVENESS_INTERVAL_MS; 0 = none). */
+static void live_start(epxComm_t comm, EpxCudaComm *cc) {
+  int ms = (int)epx_param_int(EPX_PARAM_LIVENESS_INTERVAL_MS);
+  if (ms <= 0) {
+    EPX_INFO(comm->rank, "CUDA backend: EPX_LIVENESS_INTERVAL_MS=0: no watcher; a killed peer is "
+             "seen only at the timeout");
+    return;
+  }
+  int err = epx_live_start(cc->live, ms, live_tick, cc);
+  if (err != 0)
+    EPX_INFO(comm->rank, "CUDA backend: cannot start the liveness watcher (%s); a killed peer is "
+             "seen only at the timeout", strerror(err));
+}
+
 static void cuda_size_hints(const epxConfig_t *config, int nranks, epxSizeHints_t *hints) {
   int El = config->num_experts / nranks;
   EpxRegionLayout lay = epx_cuda_region_layout(nranks, config->max_tokens_per_rank, config->hidden,
                                                config->max_topk, El);
   size_t T = (size_t)config->max_tokens_per_rank, R = (size_t)nranks;
-  hints->comm_buffer_bytes = lay.total + sizeof(int) * T * R /* scratch */;
+  int rpn = config->ranks_per_node > 0 ? config->ranks_per_node : nranks;
+  hints->comm_buffer_bytes =
+      lay.total + sizeof(int) * T * R /* count-exchange scratch */ +
+      sizeof(int) * epx_cuda_layout_scratch_ints(config->num_experts, nranks, rpn,
+                                                 config->max_tokens_per_rank);
   size_t llT = (size_t)config->ll_max_tokens_per_rank;
   hints->ll_buffer_bytes =
       llT ? epx_cuda_ll_layout(nranks, (int)llT, config->hidden, config->max_topk, El).total : 0;
@@ -232,11 +437,21 @@ static void cuda_size_hints(const epxConfig_t *config, int nranks, epxSizeHints_
 static void release(epxComm_t comm) {
   EpxCudaComm *cc = cc_of(comm);
   if (!cc) return;
+  live_comms_remove(cc);
+  /* Peers still waiting for this rank stop at once, naming the destroy. */
+  if (cc->live) epx_live_mark(cc->live, cc->rank, EPX_PEER_DESTROYED, -1, 0);
   if (cc->host) cc->host->abort = 1; /* in-flight waits of this rank return */
   cudaSetDevice(cc->device);
   /* cudaFree waits for this device's in-flight kernels; with the abort flag
    * set, none of them is waiting on a peer. */
   cudaDeviceSynchronize();
+  /* No kernel reads the words any more; the watcher (which reads cc->host)
+   * stops before anything it uses is freed. */
+  if (cc->live_registered) cudaHostUnregister(cc->live_registered);
+  epx_live_free(cc->live);
+  cc->live = NULL;
+  if (cc->live_mirror) cudaFreeHost(cc->live_mirror);
+  free(cc->pids);
   if (cc->peer_host) {
     for (int r = 0; r < comm->nranks; ++r)
       if (cc->peer_ipc && cc->peer_ipc[r]) cudaIpcCloseMemHandle(cc->peer_host[r]);
@@ -246,6 +461,7 @@ static void release(epxComm_t comm) {
   if (cc->peers_dev) cudaFree(cc->peers_dev);
   if (cc->state) cudaFree(cc->state);
   if (cc->scratch_pos) cudaFree(cc->scratch_pos);
+  if (cc->layout_scratch) cudaFree(cc->layout_scratch);
   if (cc->region) cudaFree(cc->region);
   if (cc->ll_peer_host) {
     for (int r = 0; r < comm->nranks; ++r)
@@ -263,6 +479,22 @@ static void release(epxComm_t comm) {
   comm->backend = NULL;
 }
 
+/* Loads every kernel of the backend on the current device (see
+ * epx_cuda_preload_hello in cuda_common.cuh): after this, no launch of an op
+ * loads code, so none waits for a running kernel (and so for a peer). */
+static cudaError_t epx_cuda_preload_kernels(void) {
+  cudaError_t (*const preload[])(void) = {
+      epx_cuda_preload_hello,           epx_cuda_preload_dispatch,
+      epx_cuda_preload_combine,         epx_cuda_preload_layout,
+      epx_cuda_preload_ll_dispatch_send, epx_cuda_preload_ll_dispatch_recv,
+      epx_cuda_preload_ll_combine_send,  epx_cuda_preload_ll_combine_recv};
+  for (size_t i = 0; i < sizeof preload / sizeof preload[0]; ++i) {
+    cudaError_t e = preload[i]();
+    if (e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
+}
+
 static epxResult_t cuda_init(epxComm_t comm, struct epxBootstrap *boot) {
   epxResult_t res = epxSuccess;
   const int R = comm->nranks, me = comm->rank;
@@ -271,6 +503,8 @@ static epxResult_t cuda_init(epxComm_t comm, struct epxBootstrap *boot) {
   EpxCudaComm *cc = (EpxCudaComm *)calloc(1, sizeof *cc);
   if (!cc) return epx_error(comm, epxOutOfMemory, "cannot allocate the CUDA backend state");
   comm->backend = cc;
+  cc->rank = me;
+  cc->owner_pid = getpid();
 
   if (R > EPX_CUDA_MAX_RANKS) {
     res = epx_error(comm, epxNotSupported, "the CUDA backend serves at most %d ranks (got %d)",
@@ -291,6 +525,8 @@ static epxResult_t cuda_init(epxComm_t comm, struct epxBootstrap *boot) {
       EPX_CUDA_TRY(cudaGetDevice(&cc->device), "cudaGetDevice");
     }
     EPX_CUDA_TRY(cudaSetDevice(cc->device), "cudaSetDevice");
+    /* Before any kernel of this communicator can wait for a peer. */
+    EPX_CUDA_TRY(epx_cuda_preload_kernels(), "loading the kernels (cudaFuncGetAttributes)");
     cudaDeviceProp prop;
     EPX_CUDA_TRY(cudaGetDeviceProperties(&prop, cc->device), "cudaGetDeviceProperties");
     size_t smem = epx_cuda_hello_smem_bytes(R, comm->config.num_experts);
@@ -305,13 +541,17 @@ static epxResult_t cuda_init(epxComm_t comm, struct epxBootstrap *boot) {
     if (cc->blocks > prop.multiProcessorCount) cc->blocks = prop.multiProcessorCount;
     /* LL kernels are latency-bound: spread them over every SM. */
     cc->ll_blocks = prop.multiProcessorCount;
-    /* 0: one warp per message; 1 (default): row chunks over every warp,
-     * batched loads; 2: 1 plus send and receive fused into one launch when
-     * there is no hook (the fused grid, one block per SM, is co-resident).
-     * 2xH200, EP2, T=128: 0 = 58/57 us dispatch/combine, 1 = 51/54, 2 = 555/611
-     * (variant 2: cause not measured yet; see the LL notes in the report). */
+    /* 0: one warp per message; 1: row chunks over every warp, batched loads;
+     * 2 (default): 1 plus send and receive fused into one launch when there is
+     * no hook (the fused grid, one block per SM, is co-resident).
+     * 2xH200, EP2, T=128, BF16 dispatch/combine: 1 = 31.9/50.0 us,
+     * 2 = 29.9/50.0 us. Variant 2 was 10x slower until the device waits
+     * stopped reading host memory every 64 polls: those PCIe reads queued in
+     * front of the system fences of the blocks still sending. */
     cc->ll_variant = (int)epx_param_int(EPX_PARAM_CUDA_LL_VARIANT);
-    if (cc->ll_variant < 0 || cc->ll_variant > 2) cc->ll_variant = 1;
+    cc->trace = epx_param_int(EPX_PARAM_CUDA_TRACE) != 0;
+    cc->pdl = epx_param_int(EPX_PARAM_CUDA_PDL) != 0;
+    if (cc->ll_variant < 0 || cc->ll_variant > 2) cc->ll_variant = 2;
     if (comm->config.ll_max_tokens_per_rank > 0) {
       /* The send kernel keeps E x ceil(T/32) bitmask words in shared memory;
        * 8 KB stay for its static shared memory. */
@@ -338,6 +578,13 @@ static epxResult_t cuda_init(epxComm_t comm, struct epxBootstrap *boot) {
   EPX_CUDA_TRY(cudaMalloc((void **)&cc->scratch_pos,
                           sizeof(int) * (size_t)R * (size_t)comm->config.max_tokens_per_rank),
                "cudaMalloc (scratch)");
+  {
+    size_t ints = epx_cuda_layout_scratch_ints(comm->config.num_experts, R, comm->ranks_per_node,
+                                               comm->config.max_tokens_per_rank);
+    if (ints)
+      EPX_CUDA_TRY(cudaMalloc((void **)&cc->layout_scratch, sizeof(int) * ints),
+                   "cudaMalloc (layout scratch)");
+  }
   EPX_CUDA_TRY(cudaMalloc((void **)&cc->state, sizeof(EpxCudaState)), "cudaMalloc (state)");
   if (cc->ll_enabled) {
     cc->ll_lay = epx_cuda_ll_layout(R, comm->config.ll_max_tokens_per_rank, comm->config.hidden,
@@ -358,6 +605,18 @@ static epxResult_t cuda_init(epxComm_t comm, struct epxBootstrap *boot) {
                  "cudaHostGetDevicePointer");
   }
 
+  /* The liveness segment: rank 0 creates it now, the others open it once the
+   * exchange below says it exists. Its absence is not an error. */
+  if (R > 1) {
+    cc->live = epx_live_new(me, R);
+    if (cc->live && me == 0) {
+      char why[256] = "";
+      if (epx_live_seg_create(cc->live, comm->uid, why, sizeof why) != 0)
+        EPX_INFO(me, "CUDA backend: no liveness segment (%s); a dead peer is seen through this "
+                 "rank's watcher only, and its abort or destroy at the timeout", why);
+    }
+  }
+
   /* Exchange the regions. */
   {
     EpxCudaPeerInfo mine;
@@ -367,6 +626,13 @@ static epxResult_t cuda_init(epxComm_t comm, struct epxBootstrap *boot) {
     mine.region_ptr = (unsigned long long)(uintptr_t)cc->region;
     mine.pid = (int)getpid();
     mine.device = cc->device;
+    uint64_t start_time = 0;
+    epx_proc_stat(0, &start_time, NULL);
+    mine.start_time = start_time;
+    if (me == 0 && cc->live) {
+      size_t b = 0, o = 0;
+      mine.live_segment = epx_live_seg_mapping(cc->live, &b, &o) != NULL;
+    }
     if (cc->ll_enabled) {
       EPX_CUDA_TRY(cudaIpcGetMemHandle(&mine.ll_ipc, cc->ll_region), "cudaIpcGetMemHandle (LL)");
       mine.ll_bytes = cc->ll_lay.total;
@@ -386,6 +652,13 @@ static epxResult_t cuda_init(epxComm_t comm, struct epxBootstrap *boot) {
       epx_error(comm, res, "exchanging CUDA IPC handles: %s", err);
       goto fail;
     }
+    cc->pids = (int *)calloc((size_t)R, sizeof(int));
+    if (!cc->pids) {
+      res = epx_error(comm, epxOutOfMemory, "cannot allocate the peer table");
+      goto fail;
+    }
+    for (int r = 0; r < R; ++r) cc->pids[r] = all[r].pid;
+    if (cc->live) live_attach(comm, cc, all);
     for (int r = 0; r < R; ++r) {
       if (all[r].region_bytes != mine.region_bytes || all[r].ll_bytes != mine.ll_bytes) {
         res = epx_error(comm, epxMismatch,
@@ -447,8 +720,25 @@ static epxResult_t cuda_init(epxComm_t comm, struct epxBootstrap *boot) {
                             cudaMemcpyHostToDevice),
                  "cudaMemcpy (peers)");
   }
+  if (R > 1) {
+    /* Every rank has mapped the liveness segment (or given up): drop its name,
+     * so nothing is left in /dev/shm whatever happens to the processes. */
+    res = epx_bootstrap_barrier(boot, err, sizeof err);
+    if (res != epxSuccess) {
+      epx_error(comm, res, "barrier after mapping the liveness segment: %s", err);
+      goto fail;
+    }
+    if (cc->live) {
+      epx_live_seg_unlink(cc->live);
+      live_start(comm, cc);
+    }
+  }
+  live_comms_add(cc);
   free(all);
-  EPX_INFO(me, "CUDA backend on device %d: region %zu bytes, %d blocks per data kernel", cc->device,
+  comm->normal_sms = cc->blocks;
+  comm->ll_sms = cc->ll_enabled ? cc->ll_blocks : 0;
+  EPX_INFO(me,
+           "CUDA backend on device %d: region %zu bytes, %d blocks per data kernel", cc->device,
            cc->lay.total, cc->blocks);
   return epxSuccess;
 
@@ -458,11 +748,49 @@ fail:
   return res;
 }
 
-static void cuda_destroy(epxComm_t comm) { release(comm); }
+/* EPX_CUDA_TRACE: the mean time from the start of each LL op's send kernel to
+ * each point (cuda_common.cuh), per kind, on this rank. Reads the device state
+ * only when the stream work is done and nothing failed. */
+static void print_trace(epxComm_t comm) {
+  static const char *const kind_names[EPX_TRACE_KINDS] = {"LL dispatch", "LL combine",
+                                                          "dispatch", "combine"};
+  static const char *const ll_points[EPX_TRACE_POINTS] = {
+      "prep", "slot free", "headers", "block 0 sent", "block N sent", "signals posted",
+      "recv start", "| from recv start: signals in", "block 0 placed", "acks posted"};
+  static const char *const normal_points[EPX_TRACE_POINTS] = {
+      "hello done", "send start", NULL, "block 0 sent", "block N sent", "arrivals posted",
+      "consume start", "| from consume start: arrivals in", "block 0 done", NULL};
+  EpxCudaComm *cc = cc_of(comm);
+  if (!cc || !cc->trace || !cc->state || atomic_load(&comm->async_error) != epxSuccess) return;
+  EpxCudaState st;
+  if (cudaStreamSynchronize(cc->comm_stream) != cudaSuccess ||
+      cudaMemcpy(&st, cc->state, sizeof st, cudaMemcpyDeviceToHost) != cudaSuccess)
+    return;
+  for (int k = 0; k < EPX_TRACE_KINDS; ++k) {
+    if (!st.trace_n[k]) continue;
+    char line[512];
+    int len = snprintf(line, sizeof line, "epx trace rank %d: %s, %llu ops, mean us from send start:",
+                       comm->rank, kind_names[k], st.trace_n[k]);
+    const char *const *names = k >= EPX_TRACE_DISPATCH ? normal_points : ll_points;
+    for (int pt = 0; pt < EPX_TRACE_POINTS && len > 0 && (size_t)len < sizeof line; ++pt) {
+      if (!names[pt]) continue;
+      len += snprintf(line + len, sizeof line - (size_t)len, " %s %.1f;", names[pt],
+                      (double)st.trace_sum[k][pt] / (double)st.trace_n[k] / 1000.0);
+    }
+    fprintf(stderr, "%s\n", line);
+  }
+}
+
+static void cuda_destroy(epxComm_t comm) {
+  print_trace(comm);
+  release(comm);
+}
 
 static void cuda_abort(epxComm_t comm) {
   EpxCudaComm *cc = cc_of(comm);
   if (cc && cc->host) cc->host->abort = 1; /* read by every device wait (volatile) */
+  /* Peers' waits on this rank read this word. */
+  if (cc && cc->live) epx_live_mark(cc->live, cc->rank, EPX_PEER_ABORTED, -1, epxAborted);
 }
 
 /* ---- handles ---- */
@@ -560,6 +888,7 @@ static epxResult_t cuda_layout(epxComm_t comm, const void *topk_idx, epxDataType
   p.num_tokens_per_node = layout->num_tokens_per_node;
   p.num_tokens_per_expert = layout->num_tokens_per_expert;
   p.is_token_in_rank = layout->is_token_in_rank;
+  p.scratch = cc_of(comm)->layout_scratch;
   cudaError_t e = epx_cuda_launch_layout(&p, (cudaStream_t)stream);
   if (e != cudaSuccess) return cuda_fail(comm, e, "epxGetDispatchLayout: kernel launch");
   return epxSuccess;
@@ -609,7 +938,7 @@ static void fill_handle(epxComm_t comm, const epxCall_t *call, const epxDispatch
   h->filled_seq = call->seq;
 }
 
-static epxResult_t cuda_dispatch_notify(epxComm_t comm, const epxCall_t *call,
+static epxResult_t dispatch_notify_impl(epxComm_t comm, const epxCall_t *call,
                                         const epxDispatchArgs_t *args, epxHandle_t handle,
                                         int64_t *num_recv_tokens, int *num_recv_tokens_per_expert,
                                         epxStream_t stream) {
@@ -647,6 +976,20 @@ static epxResult_t cuda_dispatch_notify(epxComm_t comm, const epxCall_t *call,
            sizeof(int) * (size_t)comm->num_local_experts);
   fill_handle(comm, call, args, handle, cc->host->n_recv);
   return epxSuccess;
+}
+
+/* The notify blocks in a stream synchronisation: the exit handler lets such a
+ * call leave before the process goes on exiting (live_at_exit). */
+static epxResult_t cuda_dispatch_notify(epxComm_t comm, const epxCall_t *call,
+                                        const epxDispatchArgs_t *args, epxHandle_t handle,
+                                        int64_t *num_recv_tokens, int *num_recv_tokens_per_expert,
+                                        epxStream_t stream) {
+  EpxCudaComm *cc = cc_of(comm);
+  __atomic_add_fetch(&cc->blocking_calls, 1, __ATOMIC_ACQ_REL);
+  epxResult_t res = dispatch_notify_impl(comm, call, args, handle, num_recv_tokens,
+                                         num_recv_tokens_per_expert, stream);
+  __atomic_sub_fetch(&cc->blocking_calls, 1, __ATOMIC_ACQ_REL);
+  return res;
 }
 
 static epxResult_t cuda_dispatch(epxComm_t comm, const epxCall_t *call,

@@ -16,8 +16,16 @@
  *      then arrival[me] = e is release-stored in every peer's region.
  *   3. consume: acquire arrival[src] == e of every peer, then copy or reduce
  *      into the caller's outputs.
- * Two hello slots suffice: a rank can be at most one op ahead of any peer,
- * since finishing op e needs every peer's arrival for e.
+ * Two hello slots suffice: a rank posts hello e + 2 (slot e % 2) only after
+ * hello e + 1 of every peer, which a peer posts only once its op e (hello e
+ * included) has finished on its stream.
+ *
+ * Tried and dropped (2xH200, EP2, 32 SMs, this commit's history): one launch
+ * whose first blocks send and flag every chunk of 2-16 tokens with a release
+ * store while the other blocks copy or reduce the chunks as they land. It was
+ * exact but slower than send-then-consume (dispatch 341 vs 250 us, combine
+ * 386 vs 329 at 4 tokens a chunk): the per-chunk system fences of the senders
+ * cost more than the overlap saved.
  */
 #ifndef EPX_CUDA_COMMON_CUH
 #define EPX_CUDA_COMMON_CUH
@@ -31,6 +39,7 @@
 #include "epx.h"
 
 #include "core/internal.h"
+#include "core/liveness.h"
 
 /* Ranks one NVLink-domain communicator of this backend serves: the count
  * exchange keeps an R x R matrix in shared memory. */
@@ -45,8 +54,13 @@
 #define EPX_CUDA_DEFAULT_BLOCKS 32
 /* 16-byte vectors each lane keeps in flight per round of a row copy. */
 #define EPX_CUDA_COPY_UNROLL 4
-/* A spinning thread looks at the clock and the abort flag once per this many polls. */
+/* A spinning thread looks at the clock and the sticky fatal flag once per this
+ * many polls ... */
 #define EPX_CUDA_POLL_CHECK_EVERY 64
+/* ... and at the host-mapped words (abort flag, the liveness word of the peer it
+ * waits for) once per this much waiting (ns): abort and dead peers are seen
+ * within about this much more time. */
+#define EPX_CUDA_HOST_CHECK_NS 100000LL
 
 /* Hello flags. */
 #define EPX_HELLO_INVALID 1     /* this rank's arguments failed validation */
@@ -153,7 +167,7 @@ typedef struct EpxErrRecord {
   int phase;  /* EPX_PHASE_* */
   int peer;   /* rank waited on or disagreeing; -1 if none */
   int field;  /* EPX_FIELD_* for mismatches */
-  int pad;
+  unsigned int why; /* epxPeerFailed: the peer's liveness word as seen (core/liveness.h) */
   long long expected, seen;
   unsigned long long seq;
 } EpxErrRecord;
@@ -261,6 +275,34 @@ typedef struct EpxHostShared {
   int per_expert[1];  /* [E_local], aligned counts of the last count exchange */
 } EpxHostShared;
 
+/* Trace points of an op (EPX_CUDA_TRACE; the names per kind are in
+ * cuda_backend.cu). Low latency: as named. Normal mode: SEND_PREP = the hello
+ * (count exchange) done, SEND_SLOT = send kernel started, SEND_BLOCK0/N and
+ * SEND_SIGNALS (arrivals posted) as named, RECV_START = receive kernel
+ * started, RECV_SIGNALS = every arrival in, RECV_BLOCK0 = its rows done. */
+enum {
+  /* from the start of the send kernel (block 0) */
+  EPX_TRACE_SEND_PREP = 0,  /* send, block 0: bitmasks (dispatch) or row prefix (combine) built */
+  EPX_TRACE_SEND_SLOT,      /* send, block 0: every destination freed the slot */
+  EPX_TRACE_SEND_HEADER,    /* send, block 0: headers written */
+  EPX_TRACE_SEND_BLOCK0,    /* send, block 0: its messages written */
+  EPX_TRACE_SEND_BLOCKN,    /* send, the last-indexed block: its messages written */
+  EPX_TRACE_SEND_SIGNALS,   /* send, last block to finish: signals posted */
+  EPX_TRACE_RECV_START,     /* receive, block 0: kernel started (includes any host gap of a hook) */
+  /* from the start of the receive kernel (block 0) */
+  EPX_TRACE_RECV_SIGNALS,   /* receive, block 0: every source's signal acquired */
+  EPX_TRACE_RECV_BLOCK0,    /* receive, block 0: its messages placed */
+  EPX_TRACE_RECV_END,       /* receive, last block to finish: acks posted */
+  EPX_TRACE_POINTS
+};
+enum {
+  EPX_TRACE_LL_DISPATCH = 0,
+  EPX_TRACE_LL_COMBINE,
+  EPX_TRACE_DISPATCH,
+  EPX_TRACE_COMBINE,
+  EPX_TRACE_KINDS
+};
+
 /* Device-memory state of this rank (not visible to peers). */
 typedef struct EpxCudaState {
   unsigned long long epoch; /* collective ops begun on this communicator */
@@ -272,6 +314,13 @@ typedef struct EpxCudaState {
   unsigned long long ll_epoch; /* low-latency ops begun (dispatch and combine share it) */
   unsigned int ll_send_done;   /* last-block counter of the LL send kernels */
   unsigned int ll_recv_done;   /* last-block counter of the LL receive kernels */
+  unsigned int layout_done;    /* last-block counter of the layout kernel */
+  /* EPX_CUDA_TRACE=1: where the time of the LL ops goes. trace_t0 is the
+   * %globaltimer at the start of the current op's send kernel; each point adds
+   * its delta to trace_sum[kind][point] (one writer per point: no atomics). */
+  unsigned long long trace_t0, trace_t1; /* send and receive kernel starts */
+  unsigned long long trace_sum[EPX_TRACE_KINDS][EPX_TRACE_POINTS];
+  unsigned long long trace_n[EPX_TRACE_KINDS];
 } EpxCudaState;
 
 /* What every kernel needs to know about the communicator. */
@@ -288,6 +337,13 @@ typedef struct EpxDevCtx {
   char *const *ll_peers;
   EpxLLLayout ll;
   int ll_max_tokens;
+  int trace; /* EPX_CUDA_TRACE */
+  int pdl;   /* EPX_CUDA_PDL: launch the op kernels as programmatic dependents */
+  /* Liveness words, host memory mapped for the device: rank r's at
+   * live[r * EPX_LIVE_SLOT_WORDS], nonzero once r will not arrive any more
+   * (aborted, destroyed, failed, or its process gone). NULL: none, waits on a
+   * dead peer end only at the timeout. */
+  const unsigned int *live;
 } EpxDevCtx;
 
 #ifdef __CUDACC__
@@ -298,6 +354,14 @@ typedef struct EpxDevCtx {
 static __device__ __forceinline__ unsigned long long epx_ld_acquire_sys(const unsigned long long *p) {
   unsigned long long v;
   asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+/* Polls read relaxed; the wait re-reads with acquire once the value is there,
+ * so each wait pays one acquire, not one per poll. */
+static __device__ __forceinline__ unsigned long long epx_ld_relaxed_sys(const unsigned long long *p) {
+  unsigned long long v;
+  asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
   return v;
 }
 
@@ -313,6 +377,33 @@ static __device__ __forceinline__ long long epx_globaltimer(void) {
   return t;
 }
 
+/* ---- trace (EPX_CUDA_TRACE) ---- */
+
+static __device__ __forceinline__ int epx_trace_kind(int op) {
+  switch (op) {
+    case EPX_OP_LL_COMBINE: return EPX_TRACE_LL_COMBINE;
+    case EPX_OP_DISPATCH: return EPX_TRACE_DISPATCH;
+    case EPX_OP_COMBINE: return EPX_TRACE_COMBINE;
+    default: return EPX_TRACE_LL_DISPATCH;
+  }
+}
+
+/* Called by one thread of the op's first send block, first thing. */
+static __device__ __forceinline__ void epx_trace_start(const EpxDevCtx &c, int op) {
+  if (!c.trace) return;
+  c.state->trace_t0 = (unsigned long long)epx_globaltimer();
+  ++c.state->trace_n[epx_trace_kind(op)];
+}
+
+/* Called by exactly one thread per op and point. */
+static __device__ __forceinline__ void epx_trace(const EpxDevCtx &c, int op, int point) {
+  if (!c.trace) return;
+  const unsigned long long now = (unsigned long long)epx_globaltimer();
+  if (point == EPX_TRACE_RECV_START) c.state->trace_t1 = now;
+  const unsigned long long base = point > EPX_TRACE_RECV_START ? c.state->trace_t1 : c.state->trace_t0;
+  c.state->trace_sum[epx_trace_kind(op)][point] += now - base;
+}
+
 /* ---- errors ---- */
 
 static __device__ __forceinline__ int epx_code_is_fatal(int code) {
@@ -326,7 +417,7 @@ static __device__ __forceinline__ int epx_code_is_fatal(int code) {
  * system fence. */
 static __device__ void epx_record_error(const EpxDevCtx &c, int code, int op, int phase, int peer,
                                         int field, long long expected, long long seen,
-                                        unsigned long long seq) {
+                                        unsigned long long seq, unsigned int why = 0) {
   if (epx_code_is_fatal(code)) atomicExch(&c.state->fatal, 1);
   if (atomicCAS(&c.state->err_claim, 0, 1) != 0) return;
   volatile EpxErrRecord *r = &c.host->rec;
@@ -334,6 +425,7 @@ static __device__ void epx_record_error(const EpxDevCtx &c, int code, int op, in
   r->phase = phase;
   r->peer = peer;
   r->field = field;
+  r->why = why;
   r->expected = expected;
   r->seen = seen;
   r->seq = seq;
@@ -343,29 +435,52 @@ static __device__ void epx_record_error(const EpxDevCtx &c, int code, int op, in
 }
 
 /* Waits until *flag >= expected (an epoch). Wall clock (%globaltimer) against
- * the communicator's timeout; polls the host-mapped abort flag and the sticky
- * fatal flag. Returns 1 when the value arrived, 0 after recording the failure.
+ * the communicator's timeout; polls the host-mapped abort flag, the sticky
+ * fatal flag and the liveness word of `peer` (the rank that writes *flag).
+ * Returns 1 when the value arrived, 0 after recording the failure (a peer
+ * that will not arrive any more: epxPeerFailed, with its word in rec.why).
  * The acquire load pairs with the peer's st.release.sys of the same word, so
  * everything the peer wrote before that store is visible after a success. */
 static __device__ int epx_wait_epoch(const EpxDevCtx &c, const unsigned long long *flag,
                                      unsigned long long expected, int op, int phase, int peer,
                                      unsigned long long seq) {
-  long long start = epx_globaltimer();
-  for (unsigned int polls = 0;; ++polls) {
-    unsigned long long v = epx_ld_acquire_sys(flag);
-    if (v >= expected) return 1;
-    if (polls % EPX_CUDA_POLL_CHECK_EVERY == 0) {
+  const long long start = epx_globaltimer();
+  long long next_host_check = start + EPX_CUDA_HOST_CHECK_NS;
+  for (unsigned int polls = 1;; ++polls) {
+    unsigned long long v = epx_ld_relaxed_sys(flag);
+    /* flags only grow: the acquire re-read sees v or a later value of the same
+     * peer's release stores, and synchronises with it */
+    if (v >= expected && epx_ld_acquire_sys(flag) >= expected) return 1;
+    if (polls % EPX_CUDA_POLL_CHECK_EVERY != 0) continue;
+    if (epx_ld_volatile_i32((volatile int *)&c.state->fatal)) return 0;
+    const long long now = epx_globaltimer();
+    /* Host memory (abort flag, liveness words) is read over PCIe: only every
+     * EPX_CUDA_HOST_CHECK_NS of waiting, so that waits that end soon (the
+     * common case) never read it and many waiting warps do not queue PCIe
+     * reads in front of the system fences of the warps that send. */
+    if (now >= next_host_check) {
+      next_host_check = now + EPX_CUDA_HOST_CHECK_NS;
       if (epx_ld_volatile_i32(&c.host->abort)) {
         epx_record_error(c, epxAborted, op, phase, peer, EPX_FIELD_NONE, (long long)expected,
                          (long long)v, seq);
         return 0;
       }
-      if (epx_ld_volatile_i32((volatile int *)&c.state->fatal)) return 0;
-      if (epx_globaltimer() - start > c.timeout_ns) {
-        epx_record_error(c, epxTimeout, op, phase, peer, EPX_FIELD_NONE, (long long)expected,
-                         (long long)v, seq);
-        return 0;
+      if (c.live && peer != c.rank) {
+        unsigned int w = *(const volatile unsigned int *)(c.live + (size_t)peer * EPX_LIVE_SLOT_WORDS);
+        if (w != 0) {
+          /* It may have arrived just before it stopped: look once more. */
+          v = epx_ld_acquire_sys(flag);
+          if (v >= expected) return 1;
+          epx_record_error(c, epxPeerFailed, op, phase, peer, EPX_FIELD_NONE, (long long)expected,
+                           (long long)v, seq, w);
+          return 0;
+        }
       }
+    }
+    if (now - start > c.timeout_ns) {
+      epx_record_error(c, epxTimeout, op, phase, peer, EPX_FIELD_NONE, (long long)expected,
+                       (long long)v, seq);
+      return 0;
     }
   }
 }
@@ -387,7 +502,7 @@ static __device__ __forceinline__ unsigned long long *epx_arrival(const EpxDevCt
  * block sees all increments (one RMW chain), fences again, and each of its
  * threads r fences and release-stores peer r's word, which pairs with the
  * ld.acquire.sys in epx_wait_epoch on that peer (phase ARRIVAL). */
-static __device__ void epx_post_arrival(const EpxDevCtx &c, unsigned long long epoch) {
+static __device__ void epx_post_arrival(const EpxDevCtx &c, unsigned long long epoch, int op) {
   __shared__ int s_last;
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -400,6 +515,7 @@ static __device__ void epx_post_arrival(const EpxDevCtx &c, unsigned long long e
     }
   }
   __syncthreads();
+  if (s_last && threadIdx.x == 32) epx_trace(c, op, EPX_TRACE_SEND_SIGNALS);
   if (s_last && (int)threadIdx.x < c.nranks) {
     __threadfence_system();
     epx_st_release_sys(epx_arrival(c, c.peers[threadIdx.x], c.rank), epoch);
@@ -418,6 +534,7 @@ static __device__ int epx_wait_arrivals(const EpxDevCtx &c, unsigned long long e
     if (!epx_wait_epoch(c, flag, epoch, op, EPX_PHASE_ARRIVAL, threadIdx.x, seq)) s_ok = 0;
   }
   __syncthreads();
+  if (blockIdx.x == 0 && threadIdx.x == 0 && s_ok) epx_trace(c, op, EPX_TRACE_RECV_SIGNALS);
   return s_ok;
 }
 
@@ -499,9 +616,10 @@ static __device__ int epx_ll_last_block(unsigned int *counter) {
 /* End of an LL send kernel: once every block's messages are written, the last
  * block's thread r release-stores sig[me] = epoch in destination r. Pairs with
  * the acquire in epx_ll_wait_signals on r. */
-static __device__ void epx_ll_post_signals(const EpxDevCtx &c, unsigned long long epoch) {
+static __device__ void epx_ll_post_signals(const EpxDevCtx &c, unsigned long long epoch, int op) {
   if (!epx_ll_last_block(&c.state->ll_send_done)) return;
   if (threadIdx.x == 0) c.state->ll_epoch = epoch; /* the next LL kernel reads it (stream order) */
+  if (threadIdx.x == 32) epx_trace(c, op, EPX_TRACE_SEND_SIGNALS); /* after the fence of the last block */
   if ((int)threadIdx.x < c.nranks) {
     __threadfence_system();
     epx_st_release_sys(epx_ll_sig(c, c.ll_peers[threadIdx.x], c.rank), epoch);
@@ -516,19 +634,22 @@ static __device__ int epx_ll_wait_signals(const EpxDevCtx &c, unsigned long long
   __shared__ int s_ok;
   if (threadIdx.x == 0) s_ok = 1;
   __syncthreads();
+  if (blockIdx.x == 0 && threadIdx.x == 0) epx_trace(c, op, EPX_TRACE_RECV_START);
   if ((int)threadIdx.x < c.nranks) {
     const unsigned long long *sig = epx_ll_sig(c, c.ll_peers[c.rank], threadIdx.x);
     if (!epx_wait_epoch(c, sig, epoch, op, EPX_PHASE_LL_SIGNAL, threadIdx.x, seq)) s_ok = 0;
   }
   __syncthreads();
+  if (blockIdx.x == 0 && threadIdx.x == 0 && s_ok) epx_trace(c, op, EPX_TRACE_RECV_SIGNALS);
   return s_ok;
 }
 
 /* End of an LL receive kernel: once every block has read its messages, the
  * last block's thread s release-stores ack[me] = epoch in source s. Pairs
  * with the acquire in epx_ll_wait_slot_free on s. */
-static __device__ void epx_ll_post_acks(const EpxDevCtx &c, unsigned long long epoch) {
+static __device__ void epx_ll_post_acks(const EpxDevCtx &c, unsigned long long epoch, int op) {
   if (!epx_ll_last_block(&c.state->ll_recv_done)) return;
+  if (threadIdx.x == 32) epx_trace(c, op, EPX_TRACE_RECV_END);
   if ((int)threadIdx.x < c.nranks) {
     __threadfence_system();
     epx_st_release_sys(epx_ll_ack(c, c.ll_peers[threadIdx.x], c.rank), epoch);
@@ -550,6 +671,51 @@ static __device__ __forceinline__ void epx_ll_unpack_bf16x8(int4 v, float f[8]) 
     f[2 * i] = epx_bf16_to_f32((uint16_t)(w[i] & 0xffffu));
     f[2 * i + 1] = epx_bf16_to_f32((uint16_t)(w[i] >> 16));
   }
+}
+
+/* ---- programmatic dependent launch (PDL) ----
+ *
+ * The op kernels (hello, send, receive/reduce of both modes) are launched with
+ * programmatic stream serialisation when EpxDevCtx.pdl is set
+ * (EPX_CUDA_PDL=1, the default): a kernel's blocks may be scheduled as soon as
+ * every block of the kernel before it in the stream has started (each calls
+ * epx_allow_dependents first thing), which hides the launch gap between the
+ * kernels of an op. Correctness does not change: every such kernel calls
+ * epx_wait_prior_grid() before it touches global memory, and that waits for
+ * the previous kernel to complete with its writes visible, as plain stream
+ * order would. Without the launch attribute both are no-ops. */
+static __device__ __forceinline__ void epx_wait_prior_grid(void) {
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+}
+static __device__ __forceinline__ void epx_allow_dependents(void) {
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+
+/* Loads `kernel` into the current context now (cudaFuncGetAttributes needs it
+ * loaded), instead of at its first launch: see epx_cuda_preload_kernels. */
+template <typename... KArgs>
+static cudaError_t epx_preload(void (*kernel)(KArgs...)) {
+  cudaFuncAttributes attr;
+  return cudaFuncGetAttributes(&attr, kernel);
+}
+
+/* Launches kernel<<<blocks, threads, smem, stream>>>(args...), as a
+ * programmatic dependent of the stream's previous kernel when `pdl`. */
+template <typename... KArgs, typename... Args>
+static cudaError_t epx_launch(void (*kernel)(KArgs...), int pdl, int blocks, int threads, size_t smem,
+                              cudaStream_t stream, Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3((unsigned)blocks);
+  cfg.blockDim = dim3((unsigned)threads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1] = {};
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, args...);
+  return err != cudaSuccess ? err : cudaGetLastError();
 }
 
 #endif /* __CUDACC__ */
@@ -640,7 +806,35 @@ typedef struct EpxLayoutParams {
   int topk_is_int64, num_tokens, num_topk;
   int *num_tokens_per_rank, *num_tokens_per_node, *num_tokens_per_expert;
   uint8_t *is_token_in_rank;
+  /* Per-block histograms, [blocks][bins] (epx_cuda_layout_scratch_ints), that
+   * the last block to finish sums into the outputs: no zeroing launches before
+   * the kernel. NULL: the outputs are zeroed first and every block adds into
+   * them with global atomics (more experts than shared memory holds). */
+  int *scratch;
 } EpxLayoutParams;
+
+/* Ints of the layout scratch for up to max_tokens tokens; 0 when the
+ * histograms do not fit in shared memory (the kernel then counts in global
+ * memory). One source of truth for the allocation and the launcher. */
+size_t epx_cuda_layout_scratch_ints(int num_experts, int nranks, int ranks_per_node, int max_tokens);
+
+/* Preloading (one per launcher file): loads every kernel the file launches on
+ * the current device. With CUDA lazy loading (CUDA_MODULE_LOADING=LAZY, the
+ * default since CUDA 12.2) a kernel is otherwise loaded at its first launch,
+ * and that load may wait until every kernel running in the context has
+ * finished: the first dispatch's send kernel would wait, inside the host's
+ * launch call, for its hello kernel, i.e. for the slowest peer (up to the
+ * timeout, and an abort thread the application starts afterwards never runs).
+ * cuda_init calls them all (epx_cuda_preload_kernels) before any kernel of the
+ * communicator runs. */
+cudaError_t epx_cuda_preload_hello(void);
+cudaError_t epx_cuda_preload_dispatch(void);
+cudaError_t epx_cuda_preload_combine(void);
+cudaError_t epx_cuda_preload_layout(void);
+cudaError_t epx_cuda_preload_ll_dispatch_send(void);
+cudaError_t epx_cuda_preload_ll_dispatch_recv(void);
+cudaError_t epx_cuda_preload_ll_combine_send(void);
+cudaError_t epx_cuda_preload_ll_combine_recv(void);
 
 /* Launchers: enqueue on `stream`, return the launch error (cudaSuccess if none). */
 cudaError_t epx_cuda_launch_hello(const EpxHelloParams *p, cudaStream_t stream);

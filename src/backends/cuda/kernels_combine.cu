@@ -25,6 +25,8 @@ static __device__ __forceinline__ int epx_row_source(const int *matrix, int R, i
 }
 
 __global__ void __launch_bounds__(EPX_CUDA_DATA_THREADS) epx_combine_send_kernel(EpxCombineSendParams p) {
+  epx_wait_prior_grid(); /* PDL: the previous kernel's writes are visible from here */
+  epx_allow_dependents();
   const EpxDevCtx &c = p.ctx;
   const EpxRegionLayout &L = c.lay;
   __shared__ int s_fatal, s_skip;
@@ -36,6 +38,7 @@ __global__ void __launch_bounds__(EPX_CUDA_DATA_THREADS) epx_combine_send_kernel
   }
   __syncthreads();
   if (s_fatal) return;
+  if (threadIdx.x == 0 && blockIdx.x == 0) epx_trace(c, EPX_OP_COMBINE, EPX_TRACE_SEND_SLOT);
   if (!s_skip) {
     const int R = c.nranks, me = c.rank, lane = threadIdx.x % 32;
     const int n_recv = p.rank_prefix_matrix[(R - 1) * R + me];
@@ -69,7 +72,10 @@ __global__ void __launch_bounds__(EPX_CUDA_DATA_THREADS) epx_combine_send_kernel
             p.topk_weights[(size_t)row * p.num_topk + lane];
     }
   }
-  epx_post_arrival(c, s_epoch);
+  if (threadIdx.x == 0 && blockIdx.x == 0) epx_trace(c, EPX_OP_COMBINE, EPX_TRACE_SEND_BLOCK0);
+  if (threadIdx.x == 0 && blockIdx.x == gridDim.x - 1 && gridDim.x > 1)
+    epx_trace(c, EPX_OP_COMBINE, EPX_TRACE_SEND_BLOCKN);
+  epx_post_arrival(c, s_epoch, EPX_OP_COMBINE);
 }
 
 static __device__ __forceinline__ void epx_unpack_bf16x8(int4 v, float f[EPX_BF16_PER_VEC]) {
@@ -228,6 +234,8 @@ static __device__ void epx_combine_reduce_token(const EpxCombineReduceParams &p,
 }
 
 __global__ void __launch_bounds__(EPX_CUDA_DATA_THREADS) epx_combine_reduce_kernel(EpxCombineReduceParams p) {
+  epx_wait_prior_grid(); /* PDL: the previous kernel's writes are visible from here */
+  epx_allow_dependents();
   const EpxDevCtx &c = p.ctx;
   __shared__ int s_fatal, s_skip;
   __shared__ unsigned long long s_epoch;
@@ -238,6 +246,7 @@ __global__ void __launch_bounds__(EPX_CUDA_DATA_THREADS) epx_combine_reduce_kern
   }
   __syncthreads();
   if (s_fatal) return;
+  if (threadIdx.x == 0 && blockIdx.x == 0) epx_trace(c, EPX_OP_COMBINE, EPX_TRACE_RECV_START);
   /* The slots were written by every peer before its arrival release; this
    * block's acquire of each arrival orders the reads below after them. */
   if (!epx_wait_arrivals(c, s_epoch, EPX_OP_COMBINE, p.seq)) return;
@@ -250,16 +259,24 @@ __global__ void __launch_bounds__(EPX_CUDA_DATA_THREADS) epx_combine_reduce_kern
     unsigned in_hi = __ballot_sync(0xffffffffu, lane + 32 < R && itr[lane + 32]);
     epx_combine_reduce_token(p, t, in_lo, in_hi);
   }
+  if (blockIdx.x == 0) {
+    __syncthreads();
+    if (threadIdx.x == 0) epx_trace(c, EPX_OP_COMBINE, EPX_TRACE_RECV_BLOCK0);
+  }
+}
+
+cudaError_t epx_cuda_preload_combine(void) {
+  cudaError_t e = epx_preload(epx_combine_send_kernel);
+  return e != cudaSuccess ? e : epx_preload(epx_combine_reduce_kernel);
 }
 
 cudaError_t epx_cuda_launch_combine_send(const EpxCombineSendParams *p, int blocks,
                                          cudaStream_t stream) {
-  epx_combine_send_kernel<<<blocks, EPX_CUDA_DATA_THREADS, 0, stream>>>(*p);
-  return cudaGetLastError();
+  return epx_launch(epx_combine_send_kernel, p->ctx.pdl, blocks, EPX_CUDA_DATA_THREADS, 0, stream, *p);
 }
 
 cudaError_t epx_cuda_launch_combine_reduce(const EpxCombineReduceParams *p, int blocks,
                                            cudaStream_t stream) {
-  epx_combine_reduce_kernel<<<blocks, EPX_CUDA_DATA_THREADS, 0, stream>>>(*p);
-  return cudaGetLastError();
+  return epx_launch(epx_combine_reduce_kernel, p->ctx.pdl, blocks, EPX_CUDA_DATA_THREADS, 0, stream,
+                    *p);
 }

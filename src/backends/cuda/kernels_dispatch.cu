@@ -127,6 +127,8 @@ static __device__ void epx_dispatch_send_token(const EpxDispatchSendParams &p, i
 }
 
 __global__ void __launch_bounds__(EPX_CUDA_DATA_THREADS) epx_dispatch_send_kernel(EpxDispatchSendParams p) {
+  epx_wait_prior_grid(); /* PDL: the previous kernel's writes are visible from here */
+  epx_allow_dependents();
   const EpxDevCtx &c = p.ctx;
   __shared__ int s_fatal, s_skip, s_direct;
   __shared__ unsigned long long s_epoch;
@@ -140,6 +142,7 @@ __global__ void __launch_bounds__(EPX_CUDA_DATA_THREADS) epx_dispatch_send_kerne
   __syncthreads();
   /* After a fatal failure peers are not waited on and nothing more is posted. */
   if (s_fatal) return;
+  if (threadIdx.x == 0 && blockIdx.x == 0) epx_trace(c, EPX_OP_DISPATCH, EPX_TRACE_SEND_SLOT);
   if (!s_skip) {
     const int warps = gridDim.x * EPX_WARPS_PER_BLOCK;
     const bool direct = s_direct != 0;
@@ -147,7 +150,10 @@ __global__ void __launch_bounds__(EPX_CUDA_DATA_THREADS) epx_dispatch_send_kerne
       epx_dispatch_send_token(p, t, direct);
   }
   /* A failed call still posts its arrival, so every rank's op ends together. */
-  epx_post_arrival(c, s_epoch);
+  if (threadIdx.x == 0 && blockIdx.x == 0) epx_trace(c, EPX_OP_DISPATCH, EPX_TRACE_SEND_BLOCK0);
+  if (threadIdx.x == 0 && blockIdx.x == gridDim.x - 1 && gridDim.x > 1)
+    epx_trace(c, EPX_OP_DISPATCH, EPX_TRACE_SEND_BLOCKN);
+  epx_post_arrival(c, s_epoch, EPX_OP_DISPATCH);
 }
 
 static __device__ void epx_dispatch_recv_row(const EpxDispatchRecvParams &p, int row) {
@@ -195,6 +201,8 @@ static __device__ void epx_dispatch_recv_row(const EpxDispatchRecvParams &p, int
 }
 
 __global__ void __launch_bounds__(EPX_CUDA_DATA_THREADS) epx_dispatch_recv_kernel(EpxDispatchRecvParams p) {
+  epx_wait_prior_grid(); /* PDL: the previous kernel's writes are visible from here */
+  epx_allow_dependents();
   const EpxDevCtx &c = p.ctx;
   __shared__ int s_fatal, s_skip;
   __shared__ unsigned long long s_epoch;
@@ -205,6 +213,7 @@ __global__ void __launch_bounds__(EPX_CUDA_DATA_THREADS) epx_dispatch_recv_kerne
   }
   __syncthreads();
   if (s_fatal) return;
+  if (threadIdx.x == 0 && blockIdx.x == 0) epx_trace(c, EPX_OP_DISPATCH, EPX_TRACE_RECV_START);
   if (!epx_wait_arrivals(c, s_epoch, EPX_OP_DISPATCH, p.seq)) return;
   /* A failed call (invalid arguments somewhere, mismatch) writes no output. */
   if (s_skip) return;
@@ -240,16 +249,23 @@ __global__ void __launch_bounds__(EPX_CUDA_DATA_THREADS) epx_dispatch_recv_kerne
         p.num_recv_tokens_per_expert[j] = p.handle_per_expert[j];
     if (threadIdx.x == 0 && p.num_recv_tokens) p.num_recv_tokens[0] = n_recv;
   }
+  if (blockIdx.x == 0) {
+    __syncthreads();
+    if (threadIdx.x == 0) epx_trace(c, EPX_OP_DISPATCH, EPX_TRACE_RECV_BLOCK0);
+  }
+}
+
+cudaError_t epx_cuda_preload_dispatch(void) {
+  cudaError_t e = epx_preload(epx_dispatch_send_kernel);
+  return e != cudaSuccess ? e : epx_preload(epx_dispatch_recv_kernel);
 }
 
 cudaError_t epx_cuda_launch_dispatch_send(const EpxDispatchSendParams *p, int blocks,
                                           cudaStream_t stream) {
-  epx_dispatch_send_kernel<<<blocks, EPX_CUDA_DATA_THREADS, 0, stream>>>(*p);
-  return cudaGetLastError();
+  return epx_launch(epx_dispatch_send_kernel, p->ctx.pdl, blocks, EPX_CUDA_DATA_THREADS, 0, stream, *p);
 }
 
 cudaError_t epx_cuda_launch_dispatch_recv(const EpxDispatchRecvParams *p, int blocks,
                                           cudaStream_t stream) {
-  epx_dispatch_recv_kernel<<<blocks, EPX_CUDA_DATA_THREADS, 0, stream>>>(*p);
-  return cudaGetLastError();
+  return epx_launch(epx_dispatch_recv_kernel, p->ctx.pdl, blocks, EPX_CUDA_DATA_THREADS, 0, stream, *p);
 }

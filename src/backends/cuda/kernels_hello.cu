@@ -80,6 +80,8 @@ static __device__ void epx_hello_scan_tokens(const EpxHelloParams &p, int t0, in
 }
 
 __global__ void __launch_bounds__(EPX_CUDA_HELLO_THREADS, 1) epx_hello_kernel(EpxHelloParams p) {
+  epx_wait_prior_grid(); /* PDL: the previous kernel's writes are visible from here */
+  epx_allow_dependents();
   extern __shared__ int smem[];
   const EpxDevCtx &c = p.ctx;
   const int R = c.nranks, El = c.num_local_experts, me = c.rank;
@@ -104,6 +106,7 @@ __global__ void __launch_bounds__(EPX_CUDA_HELLO_THREADS, 1) epx_hello_kernel(Ep
       c.state->epoch = s_epoch;
       c.state->err_claim = 0;
       c.state->call_status = 0;
+      if (p.op == EPX_OP_DISPATCH || p.op == EPX_OP_COMBINE) epx_trace_start(c, p.op);
     }
     s_failed = 0;
     s_bad = 0;
@@ -217,6 +220,8 @@ __global__ void __launch_bounds__(EPX_CUDA_HELLO_THREADS, 1) epx_hello_kernel(Ep
     }
   }
   __syncthreads();
+  if (threadIdx.x == 0 && (p.op == EPX_OP_DISPATCH || p.op == EPX_OP_COMBINE))
+    epx_trace(c, p.op, EPX_TRACE_SEND_PREP);
   if (s_status != 0 || !p.counted || (p.flags & EPX_HELLO_INVALID)) {
     if (threadIdx.x == 0 && s_status == 0 && p.write_host) c.host->status = 0;
     return;
@@ -249,6 +254,8 @@ __global__ void __launch_bounds__(EPX_CUDA_HELLO_THREADS, 1) epx_hello_kernel(Ep
   if (threadIdx.x == 0 && p.write_host) c.host->status = 0;
 }
 
+cudaError_t epx_cuda_preload_hello(void) { return epx_preload(epx_hello_kernel); }
+
 cudaError_t epx_cuda_launch_hello(const EpxHelloParams *p, cudaStream_t stream) {
   size_t smem = epx_cuda_hello_smem_bytes(p->ctx.nranks, p->ctx.num_experts);
   if (smem > 48 * 1024) {
@@ -256,6 +263,5 @@ cudaError_t epx_cuda_launch_hello(const EpxHelloParams *p, cudaStream_t stream) 
         cudaFuncSetAttribute(epx_hello_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (err != cudaSuccess) return err;
   }
-  epx_hello_kernel<<<1, EPX_CUDA_HELLO_THREADS, smem, stream>>>(*p);
-  return cudaGetLastError();
+  return epx_launch(epx_hello_kernel, p->ctx.pdl, 1, EPX_CUDA_HELLO_THREADS, smem, stream, *p);
 }

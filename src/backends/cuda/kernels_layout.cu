@@ -3,10 +3,12 @@
  *
  * One warp per token (lane k holds slot k). Duplicates are collapsed with
  * __match_any_sync so a token counts once per rank, node and expert. Counts
- * gather in shared-memory histograms per block and are flushed with one
- * global atomic per nonzero bin; the host zeroes the outputs first
- * (cudaMemsetAsync on the same stream). Integer sums: the result does not
- * depend on the order of the atomics.
+ * gather in shared-memory histograms per block; each block stores its
+ * histogram in the communicator's scratch and the last block to finish sums
+ * the columns into the outputs, so the call is one launch (zeroing the
+ * outputs first took three more). With more bins than shared memory holds,
+ * the host zeroes the outputs and blocks add into them with global atomics.
+ * Integer sums: the result does not depend on the order of the blocks.
  */
 #include "backends/cuda/cuda_common.cuh"
 
@@ -59,6 +61,33 @@ __global__ void __launch_bounds__(EPX_LAYOUT_THREADS) epx_layout_kernel(EpxLayou
   }
   if (!use_smem) return;
   __syncthreads();
+  if (p.scratch) {
+    int *mine = p.scratch + (size_t)blockIdx.x * bins;
+    for (int i = threadIdx.x; i < bins; i += blockDim.x) mine[i] = s_hist[i];
+    /* Last-block pattern: each block's histogram is ordered before its count
+     * by a fence; the block that completes the count sees every histogram. */
+    __shared__ int s_last;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      __threadfence();
+      s_last = atomicAdd(&c.state->layout_done, 1u) == gridDim.x - 1;
+      if (s_last) c.state->layout_done = 0; /* ready for the next call (stream order) */
+    }
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();
+    for (int i = threadIdx.x; i < bins; i += blockDim.x) {
+      int v = 0;
+      for (unsigned b = 0; b < gridDim.x; ++b) v += ((volatile int *)p.scratch)[(size_t)b * bins + i];
+      if (i < c.num_experts)
+        p.num_tokens_per_expert[i] = v;
+      else if (i < c.num_experts + R)
+        p.num_tokens_per_rank[i - c.num_experts] = v;
+      else if (p.num_tokens_per_node && i - c.num_experts - R < nodes)
+        p.num_tokens_per_node[i - c.num_experts - R] = v;
+    }
+    return;
+  }
   for (int i = threadIdx.x; i < bins; i += blockDim.x) {
     int v = s_hist[i];
     if (v == 0) continue;
@@ -71,19 +100,34 @@ __global__ void __launch_bounds__(EPX_LAYOUT_THREADS) epx_layout_kernel(EpxLayou
   }
 }
 
+static int epx_layout_blocks(int num_tokens) {
+  const int per_block = EPX_LAYOUT_WARPS * EPX_LAYOUT_TOKENS_PER_WARP;
+  const int blocks = (num_tokens + per_block - 1) / per_block;
+  return blocks > 0 ? blocks : 1; /* T = 0: one block writes the zero counts */
+}
+
+size_t epx_cuda_layout_scratch_ints(int num_experts, int nranks, int ranks_per_node, int max_tokens) {
+  const int bins = num_experts + nranks + nranks / ranks_per_node;
+  if (bins > EPX_LAYOUT_MAX_SMEM_BINS) return 0;
+  return (size_t)epx_layout_blocks(max_tokens) * (size_t)bins;
+}
+
+cudaError_t epx_cuda_preload_layout(void) { return epx_preload(epx_layout_kernel); }
+
 cudaError_t epx_cuda_launch_layout(const EpxLayoutParams *p, cudaStream_t stream) {
   const EpxDevCtx &c = p->ctx;
-  int nodes = c.nranks / c.ranks_per_node;
-  cudaError_t err = cudaMemsetAsync(p->num_tokens_per_rank, 0, sizeof(int) * (size_t)c.nranks, stream);
-  if (err == cudaSuccess)
-    err = cudaMemsetAsync(p->num_tokens_per_expert, 0, sizeof(int) * (size_t)c.num_experts, stream);
-  if (err == cudaSuccess && p->num_tokens_per_node)
-    err = cudaMemsetAsync(p->num_tokens_per_node, 0, sizeof(int) * (size_t)nodes, stream);
-  if (err != cudaSuccess || p->num_tokens == 0) return err;
-  int bins = epx_layout_bins(c);
-  int use_smem = bins <= EPX_LAYOUT_MAX_SMEM_BINS;
-  int per_block = EPX_LAYOUT_WARPS * EPX_LAYOUT_TOKENS_PER_WARP;
-  int blocks = (p->num_tokens + per_block - 1) / per_block;
+  const int bins = epx_layout_bins(c);
+  const int use_smem = bins <= EPX_LAYOUT_MAX_SMEM_BINS;
+  const int blocks = epx_layout_blocks(p->num_tokens);
+  if (!(use_smem && p->scratch)) {
+    int nodes = c.nranks / c.ranks_per_node;
+    cudaError_t err = cudaMemsetAsync(p->num_tokens_per_rank, 0, sizeof(int) * (size_t)c.nranks, stream);
+    if (err == cudaSuccess)
+      err = cudaMemsetAsync(p->num_tokens_per_expert, 0, sizeof(int) * (size_t)c.num_experts, stream);
+    if (err == cudaSuccess && p->num_tokens_per_node)
+      err = cudaMemsetAsync(p->num_tokens_per_node, 0, sizeof(int) * (size_t)nodes, stream);
+    if (err != cudaSuccess || p->num_tokens == 0) return err;
+  }
   epx_layout_kernel<<<blocks, EPX_LAYOUT_THREADS, use_smem ? sizeof(int) * (size_t)bins : 0, stream>>>(
       *p, use_smem);
   return cudaGetLastError();

@@ -7,6 +7,8 @@
 
 __global__ void __launch_bounds__(EPX_LL_THREADS)
     epx_ll_combine_recv_kernel(EpxLLCombineRecvParams p) {
+  epx_wait_prior_grid(); /* PDL: the previous kernel's writes are visible from here */
+  epx_allow_dependents();
   __shared__ int s_fatal;
   __shared__ unsigned long long s_epoch;
   if (threadIdx.x == 0) {
@@ -18,8 +20,11 @@ __global__ void __launch_bounds__(EPX_LL_THREADS)
   epx_ll_combine_recv_body(p, s_epoch);
 }
 
+cudaError_t epx_cuda_preload_ll_combine_recv(void) {
+  return epx_preload(epx_ll_combine_recv_kernel);
+}
+
 cudaError_t epx_cuda_launch_ll_combine_recv(const EpxLLCombineRecvParams *p, int blocks,
                                             cudaStream_t stream) {
-  epx_ll_combine_recv_kernel<<<blocks, EPX_LL_THREADS, 0, stream>>>(*p);
-  return cudaGetLastError();
+  return epx_launch(epx_ll_combine_recv_kernel, p->ctx.pdl, blocks, EPX_LL_THREADS, 0, stream, *p);
 }

@@ -142,7 +142,8 @@ static __device__ void epx_ll_combine_recv_body(const EpxLLCombineRecvParams &p,
       ((int4 *)((char *)p.combined_x + (size_t)t * p.hidden * 2))[v] = epx_ll_pack_bf16x8(acc);
     }
   }
-  epx_ll_post_acks(c, epoch);
+  if (blockIdx.x == 0 && threadIdx.x == 0) epx_trace(c, EPX_OP_LL_COMBINE, EPX_TRACE_RECV_BLOCK0);
+  epx_ll_post_acks(c, epoch, EPX_OP_LL_COMBINE);
 }
 
 

@@ -27,6 +27,7 @@ static __device__ unsigned long long epx_ll_combine_send_body(const EpxLLCombine
   if (threadIdx.x == 0) {
     s_fatal = epx_ll_fatal(c);
     s_epoch = c.state->ll_epoch + 1; /* every block reads it before the last block advances it */
+    if (blockIdx.x == 0) epx_trace_start(c, EPX_OP_LL_COMBINE);
     if (blockIdx.x == 0 && p.handle_epoch && !s_fatal) *p.handle_epoch = s_epoch;
     if (!p.invalid) {
       int acc = 0;
@@ -40,7 +41,9 @@ static __device__ unsigned long long epx_ll_combine_send_body(const EpxLLCombine
   __syncthreads();
   if (s_fatal) return 0;
   const unsigned long long epoch = s_epoch;
+  if (blockIdx.x == 0 && threadIdx.x == 0) epx_trace(c, EPX_OP_LL_COMBINE, EPX_TRACE_SEND_PREP);
   if (!epx_ll_wait_slot_free(c, epoch, EPX_OP_LL_COMBINE, p.seq)) return 0;
+  if (blockIdx.x == 0 && threadIdx.x == 0) epx_trace(c, EPX_OP_LL_COMBINE, EPX_TRACE_SEND_SLOT);
 
   if (blockIdx.x == 0 && (int)threadIdx.x < R) {
     const int r = threadIdx.x;
@@ -57,6 +60,7 @@ static __device__ unsigned long long epx_ll_combine_send_body(const EpxLLCombine
     h->bad_id = 0;
     h->bad_token = -1;
   }
+  if (blockIdx.x == 0 && threadIdx.x == 0) epx_trace(c, EPX_OP_LL_COMBINE, EPX_TRACE_SEND_HEADER);
 
   if (!p.invalid && p.variant != 0) {
     /* items (row, chunk of the row): every warp of the grid has work, each
@@ -145,12 +149,17 @@ static __device__ unsigned long long epx_ll_combine_send_body(const EpxLLCombine
       }
     }
   }
-  epx_ll_post_signals(c, epoch);
+  if (threadIdx.x == 0 && blockIdx.x == 0) epx_trace(c, EPX_OP_LL_COMBINE, EPX_TRACE_SEND_BLOCK0);
+  if (threadIdx.x == 0 && blockIdx.x == gridDim.x - 1 && gridDim.x > 1)
+    epx_trace(c, EPX_OP_LL_COMBINE, EPX_TRACE_SEND_BLOCKN);
+  epx_ll_post_signals(c, epoch, EPX_OP_LL_COMBINE);
   return epoch;
 }
 
 __global__ void __launch_bounds__(EPX_LL_THREADS)
     epx_ll_combine_send_kernel(EpxLLCombineSendParams p) {
+  epx_wait_prior_grid(); /* PDL: the previous kernel's writes are visible from here */
+  epx_allow_dependents();
   epx_ll_combine_send_body(p);
 }
 
@@ -161,6 +170,11 @@ __global__ void __launch_bounds__(EPX_LL_THREADS, 1)
   if (epoch == 0) return;
   __syncthreads(); /* s_prefix (dynamic shared memory) is dead from here */
   epx_ll_combine_recv_body(rp, epoch);
+}
+
+cudaError_t epx_cuda_preload_ll_combine_send(void) {
+  cudaError_t e = epx_preload(epx_ll_combine_send_kernel);
+  return e != cudaSuccess ? e : epx_preload(epx_ll_combine_fused_kernel);
 }
 
 cudaError_t epx_cuda_launch_ll_combine_fused(const EpxLLCombineSendParams *sp,
@@ -184,6 +198,5 @@ cudaError_t epx_cuda_launch_ll_combine_send(const EpxLLCombineSendParams *p, int
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (err != cudaSuccess) return err;
   }
-  epx_ll_combine_send_kernel<<<blocks, EPX_LL_THREADS, smem, stream>>>(*p);
-  return cudaGetLastError();
+  return epx_launch(epx_ll_combine_send_kernel, p->ctx.pdl, blocks, EPX_LL_THREADS, smem, stream, *p);
 }

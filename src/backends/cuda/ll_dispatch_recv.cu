@@ -7,6 +7,8 @@
 
 __global__ void __launch_bounds__(EPX_LL_THREADS, 1)
     epx_ll_dispatch_recv_kernel(EpxLLDispatchRecvParams p) {
+  epx_wait_prior_grid(); /* PDL: the previous kernel's writes are visible from here */
+  epx_allow_dependents();
   __shared__ int s_fatal;
   __shared__ unsigned long long s_epoch;
   if (threadIdx.x == 0) {
@@ -18,6 +20,10 @@ __global__ void __launch_bounds__(EPX_LL_THREADS, 1)
   epx_ll_dispatch_recv_body(p, s_epoch);
 }
 
+cudaError_t epx_cuda_preload_ll_dispatch_recv(void) {
+  return epx_preload(epx_ll_dispatch_recv_kernel);
+}
+
 cudaError_t epx_cuda_launch_ll_dispatch_recv(const EpxLLDispatchRecvParams *p, int blocks,
                                              cudaStream_t stream) {
   size_t smem = sizeof(int) * (size_t)p->ctx.num_local_experts * (size_t)p->ctx.nranks;
@@ -26,6 +32,5 @@ cudaError_t epx_cuda_launch_ll_dispatch_recv(const EpxLLDispatchRecvParams *p, i
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (err != cudaSuccess) return err;
   }
-  epx_ll_dispatch_recv_kernel<<<blocks, EPX_LL_THREADS, smem, stream>>>(*p);
-  return cudaGetLastError();
+  return epx_launch(epx_ll_dispatch_recv_kernel, p->ctx.pdl, blocks, EPX_LL_THREADS, smem, stream, *p);
 }

@@ -262,7 +262,8 @@ static __device__ void epx_ll_dispatch_recv_body(const EpxLLDispatchRecvParams &
       }
     }
   }
-  epx_ll_post_acks(c, epoch);
+  if (blockIdx.x == 0 && threadIdx.x == 0) epx_trace(c, EPX_OP_LL_DISPATCH, EPX_TRACE_RECV_BLOCK0);
+  epx_ll_post_acks(c, epoch, EPX_OP_LL_DISPATCH);
 }
 
 

@@ -137,6 +137,7 @@ static __device__ unsigned long long epx_ll_dispatch_send_body(const EpxLLDispat
   if (threadIdx.x == 0) {
     s_fatal = epx_ll_fatal(c);
     s_epoch = c.state->ll_epoch + 1; /* every block reads it before the last block advances it */
+    if (blockIdx.x == 0) epx_trace_start(c, EPX_OP_LL_DISPATCH);
     s_bad = 0;
     s_bad_id = 0;
     s_bad_token = -1;
@@ -162,11 +163,15 @@ static __device__ unsigned long long epx_ll_dispatch_send_body(const EpxLLDispat
   }
   __syncthreads();
   const int sending = !p.invalid && !s_bad;
+  if (blockIdx.x == 0 && threadIdx.x == 0) epx_trace(c, EPX_OP_LL_DISPATCH, EPX_TRACE_SEND_PREP);
 
   /* ---- slot e % 2 of every destination must be free (op e - 2 read) ---- */
   if (!epx_ll_wait_slot_free(c, epoch, EPX_OP_LL_DISPATCH, p.seq)) return 0;
+  if (blockIdx.x == 0 && threadIdx.x == 0) epx_trace(c, EPX_OP_LL_DISPATCH, EPX_TRACE_SEND_SLOT);
 
-  /* ---- headers: block 0, thread r -> destination r ---- */
+  /* ---- headers: block 0; thread r writes destination r's fields, and the
+   * R x E_local counts are spread over the whole block (one thread writing a
+   * destination's 128-odd counts one after another took ~20 us on H200) ---- */
   if (blockIdx.x == 0 && (int)threadIdx.x < R) {
     const int r = threadIdx.x;
     EpxLLHeader *h = epx_ll_hdr(c, epx_ll_slot(c, c.ll_peers[r], epoch), me);
@@ -181,16 +186,19 @@ static __device__ unsigned long long epx_ll_dispatch_send_body(const EpxLLDispat
     h->num_tokens = sending ? T : 0;
     h->bad_id = s_bad_id;
     h->bad_token = s_bad_token;
-    int *counts = (int *)(h + 1);
-    for (int j = 0; j < El; ++j) {
+  }
+  if (blockIdx.x == 0) {
+    for (int i = threadIdx.x; i < R * El; i += blockDim.x) {
+      const int r = i / El, j = i % El;
       int n = 0;
       if (sending) {
-        const unsigned int *row = s_mask + (size_t)(r * El + j) * W;
+        const unsigned int *row = s_mask + (size_t)i * W; /* expert r * El + j */
         for (int w = 0; w < W; ++w) n += __popc(row[w]);
       }
-      counts[j] = n;
+      ((int *)(epx_ll_hdr(c, epx_ll_slot(c, c.ll_peers[r], epoch), me) + 1))[j] = n;
     }
   }
+  if (blockIdx.x == 0 && threadIdx.x == 0) epx_trace(c, EPX_OP_LL_DISPATCH, EPX_TRACE_SEND_HEADER);
 
   /* ---- messages ---- */
   if (sending) {
@@ -232,12 +240,17 @@ static __device__ unsigned long long epx_ll_dispatch_send_body(const EpxLLDispat
       __syncthreads(); /* s_id / s_pos / s_dmask are rewritten for the next token */
     }
   }
-  epx_ll_post_signals(c, epoch);
+  if (threadIdx.x == 0 && blockIdx.x == 0) epx_trace(c, EPX_OP_LL_DISPATCH, EPX_TRACE_SEND_BLOCK0);
+  if (threadIdx.x == 0 && blockIdx.x == gridDim.x - 1 && gridDim.x > 1)
+    epx_trace(c, EPX_OP_LL_DISPATCH, EPX_TRACE_SEND_BLOCKN);
+  epx_ll_post_signals(c, epoch, EPX_OP_LL_DISPATCH);
   return epoch;
 }
 
 __global__ void __launch_bounds__(EPX_LL_THREADS)
     epx_ll_dispatch_send_kernel(EpxLLDispatchSendParams p) {
+  epx_wait_prior_grid(); /* PDL: the previous kernel's writes are visible from here */
+  epx_allow_dependents();
   epx_ll_dispatch_send_body(p);
 }
 
@@ -251,6 +264,11 @@ __global__ void __launch_bounds__(EPX_LL_THREADS, 1)
   if (epoch == 0) return;
   __syncthreads();
   epx_ll_dispatch_recv_body(rp, epoch);
+}
+
+cudaError_t epx_cuda_preload_ll_dispatch_send(void) {
+  cudaError_t e = epx_preload(epx_ll_dispatch_send_kernel);
+  return e != cudaSuccess ? e : epx_preload(epx_ll_dispatch_fused_kernel);
 }
 
 cudaError_t epx_cuda_launch_ll_dispatch_fused(const EpxLLDispatchSendParams *sp,
@@ -278,6 +296,5 @@ cudaError_t epx_cuda_launch_ll_dispatch_send(const EpxLLDispatchSendParams *p, i
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (err != cudaSuccess) return err;
   }
-  epx_ll_dispatch_send_kernel<<<blocks, EPX_LL_THREADS, smem, stream>>>(*p);
-  return cudaGetLastError();
+  return epx_launch(epx_ll_dispatch_send_kernel, p->ctx.pdl, blocks, EPX_LL_THREADS, smem, stream, *p);
 }

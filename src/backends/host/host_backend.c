@@ -232,9 +232,7 @@ static epxResult_t open_peer(epxComm_t comm, hostComm *hc, int r) {
   p->start_time = c->start_time;
   /* Watch the pid only if it names the peer's process here: in another pid
    * namespace (containers sharing /dev/shm) it could name anything. */
-  uint64_t start = 0;
-  p->watch_pid = c->start_time != 0 && epx_host_proc_stat(p->pid, &start, NULL) > 0 &&
-                 start == c->start_time;
+  p->watch_pid = epx_proc_visible(p->pid, c->start_time);
   if (!p->watch_pid)
     EPX_INFO(hc->rank, "host backend: rank %d (pid %d) is not visible in /proc here; its death "
              "will be seen only through its dead word or the timeout", r, (int)p->pid);
@@ -277,7 +275,7 @@ static epxResult_t host_init(epxComm_t comm, struct epxBootstrap *boot) {
       self->base = base;
       self->ctrl = (hostCtrl *)base;
       self->pid = getpid();
-      epx_host_proc_stat(0, &self->start_time, NULL);
+      epx_proc_stat(0, &self->start_time, NULL);
       hostCtrl *c = self->ctrl;
       c->magic = EPX_HOST_SEG_MAGIC;
       c->protocol_version = EPX_PROTOCOL_VERSION;

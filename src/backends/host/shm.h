@@ -26,18 +26,20 @@
 #include <sys/types.h>
 
 #include "core/internal.h"
+#include "core/liveness.h"
 
 /* Identifies a host segment (and its layout revision) to the peers that map it. */
 #define EPX_HOST_SEG_MAGIC 0x4550584853454731ull /* "EPXHSEG1" */
 /* Everything in a segment starts on its own cache line. */
 #define EPX_HOST_ALIGN 64
 
-/* Values of hostCtrl.dead: why a rank will not arrive any more. */
+/* Values of hostCtrl.dead: why a rank will not arrive any more (the values
+ * every backend uses, core/liveness.h). */
 enum {
-  EPX_HOST_ALIVE = 0,
-  EPX_HOST_ABORTED = 1,  /* epxCommAbort */
-  EPX_HOST_FAILED = 2,   /* a fatal error (timeout, dead peer) */
-  EPX_HOST_DESTROYED = 3 /* epxCommDestroy */
+  EPX_HOST_ALIVE = EPX_PEER_ALIVE,
+  EPX_HOST_ABORTED = EPX_PEER_ABORTED,    /* epxCommAbort */
+  EPX_HOST_FAILED = EPX_PEER_FAILED,      /* a fatal error (timeout, dead peer) */
+  EPX_HOST_DESTROYED = EPX_PEER_DESTROYED /* epxCommDestroy */
 };
 
 typedef struct hostCtrl {
@@ -104,11 +106,6 @@ size_t epx_host_align(size_t n);
 /* Offsets for a config; the same on every rank (chunk and limits are agreed). */
 void epx_host_seg_layout(hostSegLayout *l, int nranks, int num_experts, int hidden, int max_topk,
                          int chunk, int ll_tokens);
-
-/* Reads /proc/<pid>/stat (pid 0: this process): start time and run state.
- * Returns 1 on success, -1 when the process does not exist, 0 when /proc
- * could not tell (unreadable, out of descriptors...). */
-int epx_host_proc_stat(pid_t pid, uint64_t *start_time, char *state);
 
 /* Creates, sizes (reserving the pages) and maps a fresh segment. */
 epxResult_t epx_host_seg_create(epxComm_t comm, const char *name, size_t bytes, void **base);

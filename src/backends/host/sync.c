@@ -63,31 +63,14 @@ void epx_host_mark_dead(hostComm *hc, uint32_t why, int fail_peer, epxResult_t f
 
 /* 0 when the peer's process has certainly exited (or its pid was reused). */
 static int peer_process_alive(const hostPeer *p, int read_proc) {
-  if (!p->watch_pid) return 1;
-  if (kill(p->pid, 0) != 0 && errno == ESRCH) return 0;
-  if (!read_proc) return 1;
-  uint64_t start = 0;
-  char state = '?';
-  int known = epx_host_proc_stat(p->pid, &start, &state);
-  if (known < 0) return 0;
-  if (known == 0) return 1; /* /proc could not tell: rely on the other checks */
-  if (state == 'Z' || state == 'X') return 0; /* exited, not yet reaped */
-  return start == p->start_time;
+  return !p->watch_pid || epx_proc_alive(p->pid, p->start_time, read_proc);
 }
 
 /* Why peer q will not arrive, from its dead word (and, for a rank that gave
  * up, the peer it lost). */
 static void describe_dead(char *out, size_t len, const hostPeer *peer, int q, uint32_t dead) {
-  if (dead == EPX_HOST_ABORTED) {
-    snprintf(out, len, "rank %d aborted its communicator (epxCommAbort)", q);
-  } else if (dead == EPX_HOST_DESTROYED) {
-    snprintf(out, len, "rank %d destroyed its communicator", q);
-  } else if (peer->ctrl->fail_peer >= 0) {
-    snprintf(out, len, "rank %d left the call after it lost rank %d (%s)", q,
-             peer->ctrl->fail_peer, epxGetErrorString((epxResult_t)peer->ctrl->fail_code));
-  } else {
-    snprintf(out, len, "rank %d left the call after a fatal error", q);
-  }
+  epx_describe_dead(out, len, q, (int)peer->pid, dead, peer->ctrl->fail_peer,
+                    peer->ctrl->fail_code);
 }
 
 epxResult_t epx_host_wait(epxComm_t comm, uint64_t target, epxOp_t op, uint64_t seq,
@@ -145,7 +128,7 @@ epxResult_t epx_host_wait(epxComm_t comm, uint64_t target, epxOp_t op, uint64_t 
         } else if (!arrived && !peer_process_alive(peer, read_proc)) {
           code = epxPeerFailed;
           p = q;
-          snprintf(why, sizeof why, "rank %d (pid %d) exited or was killed", q, (int)peer->pid);
+          epx_describe_dead(why, sizeof why, q, (int)peer->pid, EPX_PEER_EXITED, -1, 0);
         }
       }
       if (code == epxSuccess && cascade >= 0) {
