@@ -76,3 +76,17 @@ EPX_API epxResult_t epxHandleReset(epxHandle_t handle) {
   handle->num_recv_tokens = 0;
   return epxSuccess;
 }
+
+void epx_handle_forget_arrays(epxHandle_t h) {
+  h->is_token_in_rank = NULL;
+  h->send_row = NULL;
+  h->rank_prefix_matrix = NULL;
+  h->recv_src_idx = NULL;
+  h->num_recv_per_expert = NULL;
+  h->ll_row_src_rank = NULL;
+  h->ll_row_src_token = NULL;
+  h->ll_row_kmask = NULL;
+  h->ll_recv_count = NULL;
+  h->ll_layout_range = NULL;
+  h->backend_private = NULL;
+}

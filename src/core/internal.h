@@ -109,6 +109,10 @@ struct epxHandle {
   void *backend_private;      /* backend scratch tied to the handle */
 };
 
+/* Forgets every backend array and the private pointer of a handle (after the
+ * backend freed them, or when their memory went away). */
+void epx_handle_forget_arrays(epxHandle_t h);
+
 /* A backend implements every operation for validated arguments. Collective
  * entries receive an epxCall_t; when call->local_invalid is set they must take
  * part without reading the arguments and fail on every rank. */

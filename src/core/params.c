@@ -34,10 +34,9 @@ static const epxParamDef param_defs[EPX_PARAM_COUNT] = {
                                      "host backend: source tokens per shared-memory round"},
     [EPX_PARAM_DUMP_PARAMS] = {"EPX_DUMP_PARAMS", 1, 0, NULL, "1: print this table at first use"},
     [EPX_PARAM_CUDA_LL_VARIANT] = {"EPX_CUDA_LL_VARIANT", 1, 2, NULL,
-                                   "CUDA low-latency kernels: 0 = one warp per message (old); "
-                                   "1 = row chunks over every warp, batched loads; "
-                                   "2 = 1 with send and receive fused into one launch when there "
-                                   "is no receive hook (default; ~2 us faster on 2xH200)"},
+                                   "CUDA low-latency kernels: 1 = a send kernel, then a receive "
+                                   "kernel; 2 = both fused into one launch when there is no "
+                                   "receive hook (default; ~2 us faster on 2xH200)"},
     [EPX_PARAM_LIVENESS_INTERVAL_MS] = {"EPX_LIVENESS_INTERVAL_MS", 1, 100, NULL,
                                         "CUDA backend: how often a watcher thread checks that "
                                         "the peers' processes live (0 = no watcher: a killed "

@@ -21,7 +21,7 @@ typedef enum epxParam {
   EPX_PARAM_SOCKET_LOOPBACK,      /* int: 1 = bind the rendezvous to 127.0.0.1 */
   EPX_PARAM_HOST_CHUNK_TOKENS,    /* int: host backend tokens per shared-memory round */
   EPX_PARAM_DUMP_PARAMS,          /* int: 1 = print this table at first use */
-  EPX_PARAM_CUDA_LL_VARIANT,      /* int: CUDA low-latency kernel variant (0, 1, 2) */
+  EPX_PARAM_CUDA_LL_VARIANT,      /* int: CUDA low-latency kernel variant (1, 2) */
   EPX_PARAM_LIVENESS_INTERVAL_MS, /* int: CUDA backend, period of the peer-liveness watcher */
   EPX_PARAM_CUDA_TRACE,           /* int: 1 = time the phases of LL ops, print at destroy */
   EPX_PARAM_CUDA_PDL,             /* int: 1 = op kernels launched as programmatic dependents */

@@ -541,17 +541,20 @@ static epxResult_t cuda_init(epxComm_t comm, struct epxBootstrap *boot) {
     if (cc->blocks > prop.multiProcessorCount) cc->blocks = prop.multiProcessorCount;
     /* LL kernels are latency-bound: spread them over every SM. */
     cc->ll_blocks = prop.multiProcessorCount;
-    /* 0: one warp per message; 1: row chunks over every warp, batched loads;
-     * 2 (default): 1 plus send and receive fused into one launch when there is
-     * no hook (the fused grid, one block per SM, is co-resident).
-     * 2xH200, EP2, T=128, BF16 dispatch/combine: 1 = 31.9/50.0 us,
-     * 2 = 29.9/50.0 us. Variant 2 was 10x slower until the device waits
+    /* 1: a send kernel, then a receive kernel; 2 (default): send and receive
+     * fused into one launch when there is no hook (the fused grid, one block
+     * per SM, is co-resident). 2xH200, EP2, T=128, BF16 dispatch/combine:
+     * 1 = 31.9/50.0 us, 2 = 29.9/50.0 us. (0, one warp per message with no
+     * batched loads, was 58/57 us before it was dropped.) Variant 2 was 10x slower until the device waits
      * stopped reading host memory every 64 polls: those PCIe reads queued in
      * front of the system fences of the blocks still sending. */
     cc->ll_variant = (int)epx_param_int(EPX_PARAM_CUDA_LL_VARIANT);
     cc->trace = epx_param_int(EPX_PARAM_CUDA_TRACE) != 0;
     cc->pdl = epx_param_int(EPX_PARAM_CUDA_PDL) != 0;
-    if (cc->ll_variant < 0 || cc->ll_variant > 2) cc->ll_variant = 2;
+    if (cc->ll_variant < 1 || cc->ll_variant > 2) {
+      EPX_WARN(me, "EPX_CUDA_LL_VARIANT=%d is not 1 or 2: using 2", cc->ll_variant);
+      cc->ll_variant = 2;
+    }
     if (comm->config.ll_max_tokens_per_rank > 0) {
       /* The send kernel keeps E x ceil(T/32) bitmask words in shared memory;
        * 8 KB stay for its static shared memory. */
@@ -852,17 +855,7 @@ static void cuda_handle_free(epxComm_t comm, epxHandle_t h) {
     if (hh->dev) cudaFree(hh->dev);
     free(hh);
   }
-  h->backend_private = NULL;
-  h->is_token_in_rank = NULL;
-  h->send_row = NULL;
-  h->rank_prefix_matrix = NULL;
-  h->recv_src_idx = NULL;
-  h->num_recv_per_expert = NULL;
-  h->ll_row_src_rank = NULL;
-  h->ll_row_src_token = NULL;
-  h->ll_row_kmask = NULL;
-  h->ll_recv_count = NULL;
-  h->ll_layout_range = NULL;
+  epx_handle_forget_arrays(h);
 }
 
 /* ---- ops ---- */
@@ -1148,6 +1141,19 @@ static epxResult_t ll_take_slot(epxComm_t comm, const char *fn, int *slot) {
   return epxSuccess;
 }
 
+/* Start of an LL op: the mode is on, nothing failed earlier, and the op takes
+ * its buffer slot (a locally invalid call takes part without claiming one). */
+static epxResult_t ll_begin(epxComm_t comm, const epxCall_t *call, const char *fn, int *slot) {
+  epxResult_t res = ll_check(comm, fn);
+  if (res != epxSuccess) return res;
+  *slot = 0;
+  if (call->local_invalid) {
+    ++cc_of(comm)->ll_ops;
+    return epxSuccess;
+  }
+  return ll_take_slot(comm, fn, slot);
+}
+
 static epxResult_t ll_launch_failed(epxComm_t comm, cudaError_t e, const char *what) {
   /* A kernel of the op may be queued: the ranks no longer line up. */
   epx_set_async_error(comm, epxCudaError);
@@ -1159,25 +1165,20 @@ static epxResult_t cuda_ll_dispatch(epxComm_t comm, const epxCall_t *call,
                                     const epxLowLatencyDispatchOutputs_t *o, epxStream_t stream) {
   EpxCudaComm *cc = cc_of(comm);
   cudaStream_t st = (cudaStream_t)stream;
-  epxResult_t res = ll_check(comm, "epxLowLatencyDispatch");
-  if (res != epxSuccess) return res;
   int slot = 0;
+  epxResult_t res = ll_begin(comm, call, "epxLowLatencyDispatch", &slot);
+  if (res != epxSuccess) return res;
   const int invalid = call->local_invalid;
-  if (!invalid && (res = ll_take_slot(comm, "epxLowLatencyDispatch", &slot)) != epxSuccess)
-    return res;
-  if (invalid) ++cc->ll_ops;
   EpxLLDispatchSendParams sp;
   memset(&sp, 0, sizeof sp);
   sp.ctx = make_ctx(comm);
   sp.seq = call->seq;
   sp.invalid = invalid;
-  sp.variant = cc->ll_variant;
   EpxLLDispatchRecvParams rp;
   memset(&rp, 0, sizeof rp);
   rp.ctx = sp.ctx;
   rp.seq = call->seq;
   rp.invalid = invalid;
-  rp.variant = cc->ll_variant;
   rp.epoch_src = &cc->state->ll_epoch; /* the send kernel just advanced it (stream order) */
   int send_blocks = 1;
   EpxCudaHandle *hh = NULL;
@@ -1246,25 +1247,20 @@ static epxResult_t cuda_ll_combine(epxComm_t comm, const epxCall_t *call,
                                    void *combined_x, epxStream_t stream) {
   EpxCudaComm *cc = cc_of(comm);
   cudaStream_t st = (cudaStream_t)stream;
-  epxResult_t res = ll_check(comm, "epxLowLatencyCombine");
-  if (res != epxSuccess) return res;
   int slot = 0;
+  epxResult_t res = ll_begin(comm, call, "epxLowLatencyCombine", &slot);
+  if (res != epxSuccess) return res;
   const int invalid = call->local_invalid;
-  if (!invalid && (res = ll_take_slot(comm, "epxLowLatencyCombine", &slot)) != epxSuccess)
-    return res;
-  if (invalid) ++cc->ll_ops;
   EpxLLCombineSendParams sp;
   memset(&sp, 0, sizeof sp);
   sp.ctx = make_ctx(comm);
   sp.seq = call->seq;
   sp.invalid = invalid;
-  sp.variant = cc->ll_variant;
   EpxLLCombineRecvParams rp;
   memset(&rp, 0, sizeof rp);
   rp.ctx = sp.ctx;
   rp.seq = call->seq;
   rp.invalid = invalid;
-  rp.variant = cc->ll_variant;
   rp.epoch_src = &cc->state->ll_epoch;
   EpxCudaHandle *hh = NULL;
   if (!invalid) {

@@ -538,6 +538,26 @@ static __device__ int epx_wait_arrivals(const EpxDevCtx &c, unsigned long long e
   return s_ok;
 }
 
+/* What a normal-mode data kernel reads first (after the PDL wait), the same
+ * for every block: `fatal` (the communicator failed: return at once, wait on
+ * nobody), `skip` (this op's count exchange failed or this rank's arguments
+ * were invalid: take part, move nothing) and the op's epoch. */
+typedef struct EpxOpStart {
+  int fatal, skip;
+  unsigned long long epoch;
+} EpxOpStart;
+
+static __device__ EpxOpStart epx_op_start(const EpxDevCtx &c, int invalid) {
+  __shared__ EpxOpStart s_start;
+  if (threadIdx.x == 0) {
+    s_start.fatal = epx_ld_volatile_i32((volatile int *)&c.state->fatal);
+    s_start.skip = invalid || c.state->call_status != 0;
+    s_start.epoch = c.state->epoch;
+  }
+  __syncthreads();
+  return s_start;
+}
+
 /* ---- 16-byte row copies ---- */
 
 static __device__ __forceinline__ int4 epx_ld_nc_v4(const int4 *p) {
@@ -863,7 +883,6 @@ typedef struct EpxLLDispatchSendParams {
   EpxDevCtx ctx;
   unsigned long long seq;
   int invalid;                      /* take part empty: header and signal only */
-  int variant; /* EPX_CUDA_LL_VARIANT (see cuda_backend.cu) */
   const void *x;                    /* [T, H] BF16 */
   const void *topk_idx;
   int topk_is_int64, num_tokens, hidden, num_topk;
@@ -875,7 +894,6 @@ typedef struct EpxLLDispatchRecvParams {
   EpxDevCtx ctx;
   unsigned long long seq;
   int invalid;
-  int variant; /* EPX_CUDA_LL_VARIANT (see cuda_backend.cu) */
   const unsigned long long *epoch_src; /* the op number (handle word or state->ll_epoch) */
   int hidden, num_topk, fp8, ue8m0;
   void *recv_x, *recv_x_scales;
@@ -893,7 +911,6 @@ typedef struct EpxLLCombineSendParams {
   EpxDevCtx ctx;
   unsigned long long seq;
   int invalid;
-  int variant; /* EPX_CUDA_LL_VARIANT (see cuda_backend.cu) */
   const void *x; /* [E_local, R * llT, H] BF16 expert outputs */
   int hidden, num_topk;
   const int *row_src_rank, *row_src_token;
@@ -906,7 +923,6 @@ typedef struct EpxLLCombineRecvParams {
   EpxDevCtx ctx;
   unsigned long long seq;
   int invalid;
-  int variant; /* EPX_CUDA_LL_VARIANT (see cuda_backend.cu) */
   const unsigned long long *epoch_src;
   const void *topk_idx;
   int topk_is_int64;

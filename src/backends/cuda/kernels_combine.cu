@@ -29,17 +29,10 @@ __global__ void __launch_bounds__(EPX_CUDA_DATA_THREADS) epx_combine_send_kernel
   epx_allow_dependents();
   const EpxDevCtx &c = p.ctx;
   const EpxRegionLayout &L = c.lay;
-  __shared__ int s_fatal, s_skip;
-  __shared__ unsigned long long s_epoch;
-  if (threadIdx.x == 0) {
-    s_fatal = epx_ld_volatile_i32((volatile int *)&c.state->fatal);
-    s_skip = p.invalid || c.state->call_status != 0;
-    s_epoch = c.state->epoch;
-  }
-  __syncthreads();
-  if (s_fatal) return;
+  const EpxOpStart op = epx_op_start(c, p.invalid);
+  if (op.fatal) return;
   if (threadIdx.x == 0 && blockIdx.x == 0) epx_trace(c, EPX_OP_COMBINE, EPX_TRACE_SEND_SLOT);
-  if (!s_skip) {
+  if (!op.skip) {
     const int R = c.nranks, me = c.rank, lane = threadIdx.x % 32;
     const int n_recv = p.rank_prefix_matrix[(R - 1) * R + me];
     /* My own rows [lo, hi) stay in x: the reduce reads them there. */
@@ -75,7 +68,7 @@ __global__ void __launch_bounds__(EPX_CUDA_DATA_THREADS) epx_combine_send_kernel
   if (threadIdx.x == 0 && blockIdx.x == 0) epx_trace(c, EPX_OP_COMBINE, EPX_TRACE_SEND_BLOCK0);
   if (threadIdx.x == 0 && blockIdx.x == gridDim.x - 1 && gridDim.x > 1)
     epx_trace(c, EPX_OP_COMBINE, EPX_TRACE_SEND_BLOCKN);
-  epx_post_arrival(c, s_epoch, EPX_OP_COMBINE);
+  epx_post_arrival(c, op.epoch, EPX_OP_COMBINE);
 }
 
 static __device__ __forceinline__ void epx_unpack_bf16x8(int4 v, float f[EPX_BF16_PER_VEC]) {
@@ -237,20 +230,13 @@ __global__ void __launch_bounds__(EPX_CUDA_DATA_THREADS) epx_combine_reduce_kern
   epx_wait_prior_grid(); /* PDL: the previous kernel's writes are visible from here */
   epx_allow_dependents();
   const EpxDevCtx &c = p.ctx;
-  __shared__ int s_fatal, s_skip;
-  __shared__ unsigned long long s_epoch;
-  if (threadIdx.x == 0) {
-    s_fatal = epx_ld_volatile_i32((volatile int *)&c.state->fatal);
-    s_skip = p.invalid || c.state->call_status != 0;
-    s_epoch = c.state->epoch;
-  }
-  __syncthreads();
-  if (s_fatal) return;
+  const EpxOpStart op = epx_op_start(c, p.invalid);
+  if (op.fatal) return;
   if (threadIdx.x == 0 && blockIdx.x == 0) epx_trace(c, EPX_OP_COMBINE, EPX_TRACE_RECV_START);
   /* The slots were written by every peer before its arrival release; this
    * block's acquire of each arrival orders the reads below after them. */
-  if (!epx_wait_arrivals(c, s_epoch, EPX_OP_COMBINE, p.seq)) return;
-  if (s_skip) return;
+  if (!epx_wait_arrivals(c, op.epoch, EPX_OP_COMBINE, p.seq)) return;
+  if (op.skip) return;
   const int R = c.nranks, lane = threadIdx.x % 32;
   const int warps = gridDim.x * EPX_WARPS_PER_BLOCK;
   for (int t = blockIdx.x * EPX_WARPS_PER_BLOCK + threadIdx.x / 32; t < p.num_tokens; t += warps) {

@@ -130,22 +130,14 @@ __global__ void __launch_bounds__(EPX_CUDA_DATA_THREADS) epx_dispatch_send_kerne
   epx_wait_prior_grid(); /* PDL: the previous kernel's writes are visible from here */
   epx_allow_dependents();
   const EpxDevCtx &c = p.ctx;
-  __shared__ int s_fatal, s_skip, s_direct;
-  __shared__ unsigned long long s_epoch;
-  if (threadIdx.x == 0) {
-    s_fatal = epx_ld_volatile_i32((volatile int *)&c.state->fatal);
-    s_skip = p.invalid || c.state->call_status != 0;
-    s_epoch = c.state->epoch;
-    /* Same test as the receive kernel's capacity check, on the same matrix. */
-    s_direct = !s_skip && p.rank_prefix_matrix[(c.nranks - 1) * c.nranks + c.rank] <= p.capacity_rows;
-  }
-  __syncthreads();
+  const EpxOpStart op = epx_op_start(c, p.invalid);
   /* After a fatal failure peers are not waited on and nothing more is posted. */
-  if (s_fatal) return;
+  if (op.fatal) return;
   if (threadIdx.x == 0 && blockIdx.x == 0) epx_trace(c, EPX_OP_DISPATCH, EPX_TRACE_SEND_SLOT);
-  if (!s_skip) {
+  if (!op.skip) {
     const int warps = gridDim.x * EPX_WARPS_PER_BLOCK;
-    const bool direct = s_direct != 0;
+    /* Same test as the receive kernel's capacity check, on the same matrix. */
+    const bool direct = p.rank_prefix_matrix[(c.nranks - 1) * c.nranks + c.rank] <= p.capacity_rows;
     for (int t = blockIdx.x * EPX_WARPS_PER_BLOCK + threadIdx.x / 32; t < p.num_tokens; t += warps)
       epx_dispatch_send_token(p, t, direct);
   }
@@ -153,7 +145,7 @@ __global__ void __launch_bounds__(EPX_CUDA_DATA_THREADS) epx_dispatch_send_kerne
   if (threadIdx.x == 0 && blockIdx.x == 0) epx_trace(c, EPX_OP_DISPATCH, EPX_TRACE_SEND_BLOCK0);
   if (threadIdx.x == 0 && blockIdx.x == gridDim.x - 1 && gridDim.x > 1)
     epx_trace(c, EPX_OP_DISPATCH, EPX_TRACE_SEND_BLOCKN);
-  epx_post_arrival(c, s_epoch, EPX_OP_DISPATCH);
+  epx_post_arrival(c, op.epoch, EPX_OP_DISPATCH);
 }
 
 static __device__ void epx_dispatch_recv_row(const EpxDispatchRecvParams &p, int row) {
@@ -204,19 +196,12 @@ __global__ void __launch_bounds__(EPX_CUDA_DATA_THREADS) epx_dispatch_recv_kerne
   epx_wait_prior_grid(); /* PDL: the previous kernel's writes are visible from here */
   epx_allow_dependents();
   const EpxDevCtx &c = p.ctx;
-  __shared__ int s_fatal, s_skip;
-  __shared__ unsigned long long s_epoch;
-  if (threadIdx.x == 0) {
-    s_fatal = epx_ld_volatile_i32((volatile int *)&c.state->fatal);
-    s_skip = p.invalid || c.state->call_status != 0;
-    s_epoch = c.state->epoch;
-  }
-  __syncthreads();
-  if (s_fatal) return;
+  const EpxOpStart op = epx_op_start(c, p.invalid);
+  if (op.fatal) return;
   if (threadIdx.x == 0 && blockIdx.x == 0) epx_trace(c, EPX_OP_DISPATCH, EPX_TRACE_RECV_START);
-  if (!epx_wait_arrivals(c, s_epoch, EPX_OP_DISPATCH, p.seq)) return;
+  if (!epx_wait_arrivals(c, op.epoch, EPX_OP_DISPATCH, p.seq)) return;
   /* A failed call (invalid arguments somewhere, mismatch) writes no output. */
-  if (s_skip) return;
+  if (op.skip) return;
   const int R = c.nranks, me = c.rank, lane = threadIdx.x % 32;
   const int n_recv = p.rank_prefix_matrix[(R - 1) * R + me];
   if (n_recv > p.capacity_rows) {

@@ -15,7 +15,7 @@
 
 #include "backends/cuda/cuda_common.cuh"
 
-/* Top-k slots whose inbox vectors a lane loads together (variant >= 1). */
+/* Top-k slots whose inbox vectors a lane loads together. */
 #define EPX_LL_COMBINE_BATCH 8
 
 static __device__ __forceinline__ int4 epx_ll_pack_bf16x8(const float f[8]) {
@@ -102,42 +102,30 @@ static __device__ void epx_ll_combine_recv_body(const EpxLLCombineRecvParams &p,
       float acc[8];
 #pragma unroll
       for (int j = 0; j < 8; ++j) acc[j] = 0.0f;
-      if (p.variant != 0) {
-        /* all loads of a batch of slots first (the inbox row of an unused slot
-         * is in bounds and simply ignored), then the sums in k order */
-        for (int k0 = 0; k0 < K; k0 += EPX_LL_COMBINE_BATCH) {
-          int4 vin[EPX_LL_COMBINE_BATCH];
-          float wk[EPX_LL_COMBINE_BATCH];
-          bool ok[EPX_LL_COMBINE_BATCH];
+      /* all loads of a batch of slots first (the inbox row of an unused slot
+       * is in bounds and simply ignored), then the sums in k order */
+      for (int k0 = 0; k0 < K; k0 += EPX_LL_COMBINE_BATCH) {
+        int4 vin[EPX_LL_COMBINE_BATCH];
+        float wk[EPX_LL_COMBINE_BATCH];
+        bool ok[EPX_LL_COMBINE_BATCH];
 #pragma unroll
-          for (int u = 0; u < EPX_LL_COMBINE_BATCH; ++u) {
-            const int k = k0 + u;
-            ok[u] = false;
-            if (k < K) {
-              ok[u] = epx_topk_valid(epx_topk_get(p.topk_idx, p.topk_is_int64, t, K, k));
-              wk[u] = p.topk_weights[(size_t)t * K + k];
-              vin[u] = ((const int4 *)epx_ll_inbox(c, slot, t, k))[v];
-            }
-          }
-#pragma unroll
-          for (int u = 0; u < EPX_LL_COMBINE_BATCH; ++u) {
-            if (!ok[u]) continue;
-            float f[8];
-            epx_ll_unpack_bf16x8(vin[u], f);
-#pragma unroll
-            for (int j = 0; j < 8; ++j) acc[j] = epx_add_rn(acc[j], epx_mul_rn(wk[u], f[j]));
+        for (int u = 0; u < EPX_LL_COMBINE_BATCH; ++u) {
+          const int k = k0 + u;
+          ok[u] = false;
+          if (k < K) {
+            ok[u] = epx_topk_valid(epx_topk_get(p.topk_idx, p.topk_is_int64, t, K, k));
+            wk[u] = p.topk_weights[(size_t)t * K + k];
+            vin[u] = ((const int4 *)epx_ll_inbox(c, slot, t, k))[v];
           }
         }
-        ((int4 *)((char *)p.combined_x + (size_t)t * p.hidden * 2))[v] = epx_ll_pack_bf16x8(acc);
-        continue;
-      }
-      for (int k = 0; k < K; ++k) {
-        if (!epx_topk_valid(epx_topk_get(p.topk_idx, p.topk_is_int64, t, K, k))) continue;
-        const float w = p.topk_weights[(size_t)t * K + k];
-        float f[8];
-        epx_ll_unpack_bf16x8(((const int4 *)epx_ll_inbox(c, slot, t, k))[v], f);
 #pragma unroll
-        for (int j = 0; j < 8; ++j) acc[j] = epx_add_rn(acc[j], epx_mul_rn(w, f[j]));
+        for (int u = 0; u < EPX_LL_COMBINE_BATCH; ++u) {
+          if (!ok[u]) continue;
+          float f[8];
+          epx_ll_unpack_bf16x8(vin[u], f);
+#pragma unroll
+          for (int j = 0; j < 8; ++j) acc[j] = epx_add_rn(acc[j], epx_mul_rn(wk[u], f[j]));
+        }
       }
       ((int4 *)((char *)p.combined_x + (size_t)t * p.hidden * 2))[v] = epx_ll_pack_bf16x8(acc);
     }

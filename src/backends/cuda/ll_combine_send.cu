@@ -12,7 +12,7 @@
  */
 #include "backends/cuda/ll_combine_recv.cuh"
 
-/* 16-byte vectors a lane keeps in flight in the chunked send (variant >= 1). */
+/* 16-byte vectors a lane keeps in flight in the chunked send. */
 #define EPX_LL_CSEND_UNROLL 8
 
 /* The send half; returns the op number, or 0 when this block must stop. */
@@ -62,7 +62,7 @@ static __device__ unsigned long long epx_ll_combine_send_body(const EpxLLCombine
   }
   if (blockIdx.x == 0 && threadIdx.x == 0) epx_trace(c, EPX_OP_LL_COMBINE, EPX_TRACE_SEND_HEADER);
 
-  if (!p.invalid && p.variant != 0) {
+  if (!p.invalid) {
     /* items (row, chunk of the row): every warp of the grid has work, each
      * loads its chunk once (EPX_LL_CSEND_UNROLL vectors a lane in flight) */
     const int lane = threadIdx.x % 32, K = p.num_topk;
@@ -106,44 +106,6 @@ static __device__ unsigned long long epx_ll_combine_send_body(const EpxLLCombine
           for (int u = 0; u < EPX_LL_CSEND_UNROLL; ++u) {
             int v = v0 + u * 32 + lane;
             if (v < v_hi) dst[v] = buf[u];
-          }
-        }
-      }
-    }
-  } else if (!p.invalid) {
-    const int lane = threadIdx.x % 32, K = p.num_topk;
-    const unsigned kvalid = K >= 32 ? 0xffffffffu : (1u << K) - 1u;
-    const int nvec = p.hidden / 8;
-    const size_t xrow = (size_t)p.hidden * 2;
-    const int total = s_prefix[El];
-    const int warps = gridDim.x * EPX_LL_WARPS;
-    for (int i = blockIdx.x * EPX_LL_WARPS + (int)threadIdx.x / 32; i < total; i += warps) {
-      int lo = 0, hi = El - 1; /* the expert e with prefix[e] <= i < prefix[e + 1] */
-      while (lo < hi) {
-        int mid = (lo + hi + 1) / 2;
-        if (s_prefix[mid] <= i) lo = mid;
-        else hi = mid - 1;
-      }
-      const int e = lo, row = i - s_prefix[e];
-      const size_t at = (size_t)epx_ll_row_index(e, row, R, llT);
-      const int s = p.row_src_rank[at], t = p.row_src_token[at];
-      const unsigned kmask = p.row_kmask[at] & kvalid;
-      if (s < 0 || s >= R || t < 0 || t >= llT) continue; /* a corrupted handle steers no write */
-      char *slot = epx_ll_slot(c, c.ll_peers[s], epoch);
-      const int4 *src = (const int4 *)((const char *)p.x + at * xrow);
-      for (int v0 = 0; v0 < nvec; v0 += 32 * EPX_CUDA_COPY_UNROLL) {
-        int4 buf[EPX_CUDA_COPY_UNROLL];
-#pragma unroll
-        for (int u = 0; u < EPX_CUDA_COPY_UNROLL; ++u) {
-          int v = v0 + u * 32 + lane;
-          if (v < nvec) buf[u] = epx_ld_nc_v4(src + v);
-        }
-        for (unsigned m = kmask; m; m &= m - 1) {
-          int4 *dst = (int4 *)epx_ll_inbox(c, slot, t, __ffs(m) - 1);
-#pragma unroll
-          for (int u = 0; u < EPX_CUDA_COPY_UNROLL; ++u) {
-            int v = v0 + u * 32 + lane;
-            if (v < nvec) dst[v] = buf[u];
           }
         }
       }

@@ -7,50 +7,28 @@
  * (op, seq, hidden, top-k, FP8, UE8M0; a source's invalid arguments or bad
  * expert id) and computes first_row(e, s) = sum over sources s' < s of
  * counts(s', e) for each local expert e. Messages (source s, token t) are then
- * spread over the warps of the grid: each warp reads the token's meta, and for
- * every local expert the token names (first slot naming it) copies the message
+ * spread over the warps of the grid in row chunks (epx_ll_dispatch_place_chunked,
+ * so every warp has work): a warp reads the token's meta, loads its chunk once,
+ * and for every local expert the token names (first slot naming it) stores it
  * into row first_row(e, s) + pos(t, e) of expert e's block. The order is thus
  * fixed (sources ascending, tokens ascending) with no atomics, and the rows of
  * one source are contiguous. Block 0 writes the per-expert outputs (counts,
  * ranges, cumulative statistics). A failed check writes no caller output.
- * Variant >= 1 (EPX_CUDA_LL_VARIANT) splits each message into row chunks
- * (epx_ll_dispatch_place_chunked) so every warp of the grid has work, and
- * loads each chunk once for all the token's local experts.
  */
 #ifndef EPX_LL_DISPATCH_RECV_CUH
 #define EPX_LL_DISPATCH_RECV_CUH
 
 #include "backends/cuda/cuda_common.cuh"
 
-/* Copies `bytes` (a multiple of 16) with one warp. */
-static __device__ __forceinline__ void epx_ll_warp_copy16(void *dst, const void *src, size_t bytes) {
-  const int lane = threadIdx.x % 32;
-  const int n = (int)(bytes / 16);
-  const int4 *s = (const int4 *)src;
-  int4 *d = (int4 *)dst;
-  for (int v0 = 0; v0 < n; v0 += 32 * EPX_CUDA_COPY_UNROLL) {
-    int4 buf[EPX_CUDA_COPY_UNROLL];
-#pragma unroll
-    for (int u = 0; u < EPX_CUDA_COPY_UNROLL; ++u) {
-      int v = v0 + u * 32 + lane;
-      if (v < n) buf[u] = s[v];
-    }
-#pragma unroll
-    for (int u = 0; u < EPX_CUDA_COPY_UNROLL; ++u) {
-      int v = v0 + u * 32 + lane;
-      if (v < n) d[v] = buf[u];
-    }
-  }
-}
-
-/* 16-byte vectors a lane keeps in flight in the chunked placement (variant >= 1). */
+/* 16-byte vectors a lane keeps in flight in the chunked placement. */
 #define EPX_LL_RECV_UNROLL 8
 
-/* Variant >= 1 of the placement: work items are (source, token, chunk of the
- * row), so the 256-odd messages of a small batch still spread over every warp
- * of the grid; each warp loads its chunk once (EPX_LL_RECV_UNROLL vectors a
- * lane in flight) and stores it into every local expert row the token names.
- * Rows, scales and tables are exactly those of variant 0. */
+/* The placement: work items are (source, token, chunk of the row), so the
+ * 256-odd messages of a small batch still spread over every warp of the grid;
+ * each warp loads its chunk once (EPX_LL_RECV_UNROLL vectors a lane in flight)
+ * and stores it into every local expert row the token names (the leaders of
+ * __match_any_sync over the meta ids; lanes >= K get distinct non-expert
+ * values, so a row's kmask bits are exactly the top-k slots naming it). */
 static __device__ void epx_ll_dispatch_place_chunked(const EpxLLDispatchRecvParams &p, char *slot,
                                                      const int *s_first, const int *s_T,
                                                      size_t xrow, size_t srow) {
@@ -217,50 +195,10 @@ static __device__ void epx_ll_dispatch_recv_body(const EpxLLDispatchRecvParams &
     }
     __syncthreads();
 
-    /* ---- messages: one warp per (source, token) ---- */
-    const int lane = threadIdx.x % 32, K = p.num_topk;
+    /* ---- messages: (source, token, row chunk) per warp ---- */
     const size_t xrow = epx_payload_row_bytes(p.hidden, p.fp8);
     const size_t srow = p.fp8 ? epx_scale_row_bytes(p.hidden, p.ue8m0 ? 2 : 1) : 0;
-    const int warps = gridDim.x * EPX_LL_WARPS;
-    const int lo = me * El, hi = lo + El;
-    if (p.variant != 0) {
-      epx_ll_dispatch_place_chunked(p, slot, s_first, s_T, xrow, srow);
-    } else {
-      for (int i = blockIdx.x * EPX_LL_WARPS + (int)threadIdx.x / 32; i < R * llT; i += warps) {
-        const int s = i / llT, t = i % llT;
-        if (t >= s_T[s]) continue;
-        const char *msg = epx_ll_msg(c, slot, s, t);
-        const int *meta = (const int *)(msg + c.ll.msg_meta_off);
-        /* lanes >= K get a distinct non-expert value so they never match */
-        const int id = lane < K ? meta[lane] : -2 - lane;
-        const int pos = lane < K ? meta[K + lane] : 0;
-        const unsigned same = __match_any_sync(0xffffffffu, id);
-        const bool mine = id >= lo && id < hi;
-        const bool leader = mine && __ffs(same) - 1 == lane;
-        unsigned leaders = __ballot_sync(0xffffffffu, leader);
-        while (leaders) {
-          const int L = __ffs(leaders) - 1;
-          leaders &= leaders - 1;
-          const int e = __shfl_sync(0xffffffffu, id, L) - lo;
-          const int row = s_first[e * R + s] + __shfl_sync(0xffffffffu, pos, L);
-          const unsigned kmask = __shfl_sync(0xffffffffu, same, L);
-          if (row < 0 || row >= rpe) continue; /* cannot happen with consistent headers */
-          const size_t at = (size_t)epx_ll_row_index(e, row, R, llT);
-          epx_ll_warp_copy16((char *)p.recv_x + at * xrow, msg, xrow);
-          if (srow) {
-            const int words = (int)(srow / 4);
-            for (int w = lane; w < words; w += 32)
-              ((int *)p.recv_x_scales)[at * words + w] = ((const int *)(msg + c.ll.msg_scales_off))[w];
-          }
-          if (lane == 0) {
-            if (p.recv_src_info) p.recv_src_info[at] = t;
-            p.row_src_rank[at] = s;
-            p.row_src_token[at] = t;
-            p.row_kmask[at] = kmask; /* lanes >= K never match: bits are top-k slots */
-          }
-        }
-      }
-    }
+    epx_ll_dispatch_place_chunked(p, slot, s_first, s_T, xrow, srow);
   }
   if (blockIdx.x == 0 && threadIdx.x == 0) epx_trace(c, EPX_OP_LL_DISPATCH, EPX_TRACE_RECV_BLOCK0);
   epx_ll_post_acks(c, epoch, EPX_OP_LL_DISPATCH);

@@ -84,20 +84,7 @@ static __device__ void epx_ll_send_fp8(const EpxLLDispatchSendParams &p, unsigne
   }
 }
 
-static __device__ void epx_ll_send_bf16(const EpxLLDispatchSendParams &p, unsigned long long epoch,
-                                        const int4 *src, unsigned long long dmask, int t) {
-  const EpxDevCtx &c = p.ctx;
-  const int nvec = p.hidden / 8;
-  for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
-    const int4 val = epx_ld_nc_v4(src + v);
-    for (unsigned long long m = dmask; m; m &= m - 1) {
-      const int r = __ffsll((long long)m) - 1;
-      ((int4 *)epx_ll_msg(c, epx_ll_slot(c, c.ll_peers[r], epoch), c.rank, t))[v] = val;
-    }
-  }
-}
-
-/* Variant >= 1: each thread loads all its vectors of the row (up to
+/* BF16: each thread loads all its vectors of the row (up to
  * EPX_CUDA_COPY_UNROLL) before storing them, so they are in flight together. */
 static __device__ void epx_ll_send_bf16_batched(const EpxLLDispatchSendParams &p,
                                                 unsigned long long epoch, const int4 *src,
@@ -233,10 +220,8 @@ static __device__ unsigned long long epx_ll_dispatch_send_body(const EpxLLDispat
       const int4 *src = (const int4 *)((const char *)p.x + (size_t)t * p.hidden * 2);
       if (p.fp8)
         epx_ll_send_fp8(p, epoch, src, dmask, t);
-      else if (p.variant != 0)
-        epx_ll_send_bf16_batched(p, epoch, src, dmask, t);
       else
-        epx_ll_send_bf16(p, epoch, src, dmask, t);
+        epx_ll_send_bf16_batched(p, epoch, src, dmask, t);
       __syncthreads(); /* s_id / s_pos / s_dmask are rewritten for the next token */
     }
   }

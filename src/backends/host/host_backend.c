@@ -91,20 +91,6 @@ static size_t handle_block(const epxConfig_t *c, int R, unsigned char *base, epx
   return off;
 }
 
-static void handle_clear(epxHandle_t h) {
-  h->is_token_in_rank = NULL;
-  h->send_row = NULL;
-  h->rank_prefix_matrix = NULL;
-  h->recv_src_idx = NULL;
-  h->num_recv_per_expert = NULL;
-  h->ll_row_src_rank = NULL;
-  h->ll_row_src_token = NULL;
-  h->ll_row_kmask = NULL;
-  h->ll_recv_count = NULL;
-  h->ll_layout_range = NULL;
-  h->backend_private = NULL;
-}
-
 static epxResult_t host_handle_alloc(epxComm_t comm, epxHandle_t h) {
   hostComm *hc = epx_host_of(comm);
   size_t bytes = handle_block(&comm->config, comm->nranks, NULL, NULL);
@@ -130,7 +116,7 @@ static void host_handle_free(epxComm_t comm, epxHandle_t h) {
   else if (hc)
     hc->handles = hh->next;
   if (hh->next) hh->next->prev = hh->prev;
-  handle_clear(h);
+  epx_handle_forget_arrays(h);
   free(hh);
 }
 
@@ -162,7 +148,7 @@ static void host_release(epxComm_t comm, hostComm *hc) {
   while (hc->handles) {
     hostHandle *hh = hc->handles;
     hc->handles = hh->next;
-    handle_clear(hh->owner);
+    epx_handle_forget_arrays(hh->owner);
     free(hh);
   }
   free(hc->peers);
