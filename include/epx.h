@@ -270,7 +270,8 @@ typedef struct epxLayout {
 
 /* Routing counts of one rank's tokens. Not collective.
  * [in] topk_idx [T, K] of type idx_type (epxInt64 or epxInt32), ids in
- * [-1, E); [out] layout. T may be 0. */
+ * [-1, E); [out] layout. T may be 0. On the CUDA backend, layout calls of one
+ * communicator share its scratch: issue them on one stream (or order them). */
 epxResult_t epxGetDispatchLayout(epxComm_t comm, const void *topk_idx, epxDataType_t idx_type,
                                  int num_tokens, int num_topk, const epxLayout_t *layout,
                                  epxStream_t stream);
