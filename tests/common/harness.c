@@ -724,6 +724,18 @@ int epx_test_run_units(const epx_test_unit *units, size_t count, const int *fail
   return 0;
 }
 
+int epx_test_run_case(const char *name, uint64_t seed, int nranks, epx_test_rank_fn fn, void *arg,
+                      int timeout_s) {
+  double t0 = epx_test_now();
+  int rc = epx_test_spawn(nranks, fn, arg, timeout_s);
+  if (rc != 0)
+    printf("FAIL %s seed=%" PRIu64 "\n", name, seed);
+  else
+    printf("PASS %s (%.2f s)\n", name, epx_test_now() - t0);
+  fflush(stdout);
+  return rc;
+}
+
 void epx_test_random_plan(int default_count, uint64_t default_seed, int *count, uint64_t *seed) {
   const char *n = getenv("EPX_TEST_RANDOM_CASES");
   const char *sd = getenv("EPX_TEST_SEED");

@@ -206,6 +206,10 @@ typedef struct epx_test_unit {
 /* Runs the units in order, printing PASS/FAIL, and stops at the first unit
  * that raised *failures. Returns the exit status for main. */
 int epx_test_run_units(const epx_test_unit *units, size_t count, const int *failures);
+/* Runs one multi-rank case (epx_test_spawn) and prints "PASS name (t s)" or
+ * "FAIL name seed=S". Returns epx_test_spawn's result (0 = passed). */
+int epx_test_run_case(const char *name, uint64_t seed, int nranks, epx_test_rank_fn fn, void *arg,
+                      int timeout_s);
 /* How many random cases to run and from which seed: EPX_TEST_RANDOM_CASES and
  * EPX_TEST_SEED when set, else the defaults. */
 void epx_test_random_plan(int default_count, uint64_t default_seed, int *count, uint64_t *seed);

@@ -577,16 +577,9 @@ int main(int argc, char **argv) {
   for (int i = 0; i < ncases; ++i) {
     const lcase *c = &cases[i];
     if (!epx_test_case_wanted(argc, argv, c->name)) continue;
-    double t0 = epx_test_now();
-    int rc = use_exec ? epx_test_spawn(c->R, epx_test_exec_rank, (void *)c->name, SPAWN_TIMEOUT_S)
-                      : epx_test_spawn(c->R, run_rank, (void *)c, SPAWN_TIMEOUT_S);
-    if (rc != 0) {
-      printf("FAIL %s seed=%" PRIu64 "\n", c->name, c->seed);
+    if (epx_test_run_case(c->name, c->seed, c->R, use_exec ? epx_test_exec_rank : run_rank,
+                          use_exec ? (void *)c->name : (void *)c, SPAWN_TIMEOUT_S))
       failed++;
-    } else {
-      printf("PASS %s (%.2f s)\n", c->name, epx_test_now() - t0);
-    }
-    fflush(stdout);
     ++ran;
   }
   if (ran == 0) {

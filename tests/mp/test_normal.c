@@ -517,15 +517,7 @@ static void random_case(uint64_t seed, ncase *c, char *name, size_t name_len) {
 }
 
 static int run_case(const ncase *c) {
-  double t0 = epx_test_now();
-  int rc = epx_test_spawn(c->R, run_rank, (void *)c, SPAWN_TIMEOUT_S);
-  if (rc != 0) {
-    printf("FAIL %s seed=%" PRIu64 "\n", c->name, c->seed);
-    return 1;
-  }
-  printf("PASS %s (%.2f s)\n", c->name, epx_test_now() - t0);
-  fflush(stdout);
-  return 0;
+  return epx_test_run_case(c->name, c->seed, c->R, run_rank, (void *)c, SPAWN_TIMEOUT_S) != 0;
 }
 
 int main(int argc, char **argv) {
