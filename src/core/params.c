@@ -47,6 +47,13 @@ static const epxParamDef param_defs[EPX_PARAM_COUNT] = {
     [EPX_PARAM_CUDA_PDL] = {"EPX_CUDA_PDL", 1, 1, NULL,
                             "1: the CUDA op kernels are launched as programmatic dependents of "
                             "the kernel before them (hides launch gaps); 0: plain stream order"},
+    [EPX_PARAM_CUDA_CHUNK_TOKENS] = {"EPX_CUDA_CHUNK_TOKENS", 1, 512, NULL,
+                                     "CUDA normal mode: source tokens per chunk; the consuming "
+                                     "blocks (copy-out, reduce) start on a chunk once every peer "
+                                     "has sent it (at least 16; the same on every rank)"},
+    [EPX_PARAM_CUDA_SEND_SHARE] = {"EPX_CUDA_SEND_SHARE", 1, 50, NULL,
+                                   "CUDA normal mode: percent of the data blocks (config.num_sms) "
+                                   "that send; the others consume (the same on every rank)"},
 };
 
 static int64_t int_values[EPX_PARAM_COUNT];

@@ -25,6 +25,8 @@ typedef enum epxParam {
   EPX_PARAM_LIVENESS_INTERVAL_MS, /* int: CUDA backend, period of the peer-liveness watcher */
   EPX_PARAM_CUDA_TRACE,           /* int: 1 = time the phases of LL ops, print at destroy */
   EPX_PARAM_CUDA_PDL,             /* int: 1 = op kernels launched as programmatic dependents */
+  EPX_PARAM_CUDA_CHUNK_TOKENS,    /* int: CUDA normal mode, source tokens per progress chunk */
+  EPX_PARAM_CUDA_SEND_SHARE,      /* int: CUDA normal mode, percent of the data blocks that send */
   EPX_PARAM_COUNT
 } epxParam_t;
 

@@ -60,7 +60,9 @@ typedef struct EpxCudaComm {
   int *layout_scratch;      /* per-block layout histograms (kernels_layout.cu), or NULL */
   EpxHostShared *host;      /* host view */
   EpxHostShared *host_dev;  /* device view */
-  int blocks;               /* blocks of the data kernels */
+  int blocks;               /* blocks of the data kernels (>= 2) */
+  int send_blocks;          /* of those, the send blocks (EPX_CUDA_SEND_SHARE) */
+  int chunk_tokens;         /* EPX_CUDA_CHUNK_TOKENS: source tokens per progress chunk */
   int trace;      /* EPX_CUDA_TRACE: LL phase times, printed at destroy */
   int pdl;        /* EPX_CUDA_PDL: op kernels launched as programmatic dependents */
   /* low-latency mode */
@@ -107,6 +109,7 @@ typedef struct EpxCudaPeerInfo {
   unsigned long long ll_ptr;
   unsigned long long start_time; /* /proc start time of the process (0: unknown) */
   int live_segment;              /* rank 0: the liveness segment exists */
+  int blocks, send_blocks, chunk_tokens; /* must agree: peers wait on each other's blocks */
 } EpxCudaPeerInfo;
 
 static EpxCudaComm *cc_of(epxComm_t comm) { return (EpxCudaComm *)comm->backend; }
@@ -148,6 +151,7 @@ static EpxDevCtx make_ctx(epxComm_t comm) {
   c.live = cc->live_dev;
   c.trace = cc->trace;
   c.pdl = cc->pdl;
+  c.send_blocks = cc->send_blocks;
   return c;
 }
 
@@ -414,10 +418,16 @@ static void live_start(epxComm_t comm, EpxCudaComm *cc) {
              "seen only at the timeout", strerror(err));
 }
 
+/* EPX_CUDA_CHUNK_TOKENS, at least 16. */
+static int chunk_tokens_param(void) {
+  int64_t v = epx_param_int(EPX_PARAM_CUDA_CHUNK_TOKENS);
+  return v < 16 ? 16 : v > (1 << 20) ? (1 << 20) : (int)v;
+}
+
 static void cuda_size_hints(const epxConfig_t *config, int nranks, epxSizeHints_t *hints) {
   int El = config->num_experts / nranks;
   EpxRegionLayout lay = epx_cuda_region_layout(nranks, config->max_tokens_per_rank, config->hidden,
-                                               config->max_topk, El);
+                                               config->max_topk, El, chunk_tokens_param());
   size_t T = (size_t)config->max_tokens_per_rank, R = (size_t)nranks;
   int rpn = config->ranks_per_node > 0 ? config->ranks_per_node : nranks;
   hints->comm_buffer_bytes =
@@ -539,6 +549,20 @@ static epxResult_t cuda_init(epxComm_t comm, struct epxBootstrap *boot) {
     }
     cc->blocks = comm->config.num_sms > 0 ? comm->config.num_sms : EPX_CUDA_DEFAULT_BLOCKS;
     if (cc->blocks > prop.multiProcessorCount) cc->blocks = prop.multiProcessorCount;
+    if (cc->blocks > EPX_CUDA_MAX_BLOCKS) cc->blocks = EPX_CUDA_MAX_BLOCKS;
+    /* One launch holds send and consume blocks: at least one of each. */
+    if (cc->blocks < 2) cc->blocks = 2;
+    {
+      int64_t share = epx_param_int(EPX_PARAM_CUDA_SEND_SHARE);
+      if (share < 1 || share > 99) {
+        EPX_WARN(me, "EPX_CUDA_SEND_SHARE=%lld is not in [1, 99]: using 50", (long long)share);
+        share = 50;
+      }
+      cc->send_blocks = (int)(cc->blocks * share / 100);
+      if (cc->send_blocks < 1) cc->send_blocks = 1;
+      if (cc->send_blocks > cc->blocks - 1) cc->send_blocks = cc->blocks - 1;
+    }
+    cc->chunk_tokens = chunk_tokens_param();
     /* LL kernels are latency-bound: spread them over every SM. */
     cc->ll_blocks = prop.multiProcessorCount;
     /* 1: a send kernel, then a receive kernel; 2 (default): send and receive
@@ -574,9 +598,9 @@ static epxResult_t cuda_init(epxComm_t comm, struct epxBootstrap *boot) {
   EPX_CUDA_TRY(cudaStreamCreateWithFlags(&cc->comm_stream, cudaStreamNonBlocking), "cudaStreamCreate");
 
   cc->lay = epx_cuda_region_layout(R, comm->config.max_tokens_per_rank, comm->config.hidden,
-                                   comm->config.max_topk, comm->num_local_experts);
+                                   comm->config.max_topk, comm->num_local_experts, cc->chunk_tokens);
   EPX_CUDA_TRY(cudaMalloc((void **)&cc->region, cc->lay.total), "cudaMalloc (region)");
-  /* Hello and arrival words start at epoch 0 < every epoch a peer waits for. */
+  /* Hello and progress words start at epoch 0 < every epoch a peer waits for. */
   EPX_CUDA_TRY(cudaMemsetAsync(cc->region, 0, cc->lay.total, cc->comm_stream), "cudaMemsetAsync");
   EPX_CUDA_TRY(cudaMalloc((void **)&cc->scratch_pos,
                           sizeof(int) * (size_t)R * (size_t)comm->config.max_tokens_per_rank),
@@ -632,6 +656,9 @@ static epxResult_t cuda_init(epxComm_t comm, struct epxBootstrap *boot) {
     uint64_t start_time = 0;
     epx_proc_stat(0, &start_time, NULL);
     mine.start_time = start_time;
+    mine.blocks = cc->blocks;
+    mine.send_blocks = cc->send_blocks;
+    mine.chunk_tokens = cc->chunk_tokens;
     if (me == 0 && cc->live) {
       size_t b = 0, o = 0;
       mine.live_segment = epx_live_seg_mapping(cc->live, &b, &o) != NULL;
@@ -667,6 +694,16 @@ static epxResult_t cuda_init(epxComm_t comm, struct epxBootstrap *boot) {
         res = epx_error(comm, epxMismatch,
                         "rank %d's regions have %llu + %llu bytes, this rank's %llu + %llu", r,
                         all[r].region_bytes, all[r].ll_bytes, mine.region_bytes, mine.ll_bytes);
+        goto fail;
+      }
+      if (all[r].blocks != mine.blocks || all[r].send_blocks != mine.send_blocks ||
+          all[r].chunk_tokens != mine.chunk_tokens) {
+        res = epx_error(comm, epxMismatch,
+                        "rank %d runs %d data blocks (%d sending) with %d-token chunks, this rank "
+                        "%d (%d) with %d: set config.num_sms, EPX_CUDA_SEND_SHARE and "
+                        "EPX_CUDA_CHUNK_TOKENS alike on every rank",
+                        r, all[r].blocks, all[r].send_blocks, all[r].chunk_tokens, mine.blocks,
+                        mine.send_blocks, mine.chunk_tokens);
         goto fail;
       }
       if (r == me) {
@@ -761,8 +798,9 @@ static void print_trace(epxComm_t comm) {
       "prep", "slot free", "headers", "block 0 sent", "block N sent", "signals posted",
       "recv start", "| from recv start: signals in", "block 0 placed", "acks posted"};
   static const char *const normal_points[EPX_TRACE_POINTS] = {
-      "hello done", "send start", NULL, "block 0 sent", "block N sent", "arrivals posted",
-      "consume start", "| from consume start: arrivals in", "block 0 done", NULL};
+      "hello done", "data start", NULL, "send block 0 done", "send block N done",
+      "last send block done", "consume start", "| from consume start: first chunk in",
+      "consume block 0 done", "last consume block done"};
   EpxCudaComm *cc = cc_of(comm);
   if (!cc || !cc->trace || !cc->state || atomic_load(&comm->async_error) != epxSuccess) return;
   EpxCudaState st;
@@ -996,57 +1034,39 @@ static epxResult_t cuda_dispatch(epxComm_t comm, const epxCall_t *call,
   const int counted = !invalid && h->state != epxHandleNormal;
 
   EpxHelloParams hp = dispatch_hello(comm, call, a, h, counted);
-  EpxDispatchSendParams sp;
-  memset(&sp, 0, sizeof sp);
-  sp.ctx = hp.ctx;
-  sp.seq = call->seq;
-  sp.invalid = invalid;
-  EpxDispatchRecvParams rp;
-  memset(&rp, 0, sizeof rp);
-  rp.ctx = hp.ctx;
-  rp.seq = call->seq;
-  rp.invalid = invalid;
+  EpxDispatchParams dp;
+  memset(&dp, 0, sizeof dp);
+  dp.ctx = hp.ctx;
+  dp.seq = call->seq;
+  dp.invalid = invalid;
   if (!invalid) {
     int fp8 = a->x_type == epxFloat8E4M3;
-    sp.x = a->x;
-    sp.x_scales = a->x_scales;
-    sp.topk_idx = a->topk_idx;
-    sp.topk_weights = a->topk_weights;
-    sp.topk_is_int64 = a->topk_idx_type == epxInt64;
-    sp.num_tokens = a->num_tokens;
-    sp.num_topk = a->num_topk;
-    sp.payload_bytes = (int)epx_payload_row_bytes(a->hidden, fp8);
-    sp.scale_bytes = fp8 ? (int)epx_scale_row_bytes(a->hidden, a->scale_format) : 0;
-    sp.send_row = h->send_row;
-    rp.num_topk = a->num_topk;
-    rp.payload_bytes = sp.payload_bytes;
-    rp.scale_bytes = sp.scale_bytes;
-    rp.topk_is_int64 = sp.topk_is_int64;
-    rp.num_worst_tokens = a->num_worst_tokens;
-    rp.capacity_rows = o->capacity_rows;
-    rp.rank_prefix_matrix = h->rank_prefix_matrix;
-    rp.handle_per_expert = h->num_recv_per_expert;
-    rp.handle_recv_src_idx = h->recv_src_idx;
-    rp.recv_x = o->recv_x;
-    rp.recv_x_scales = o->recv_x_scales;
-    rp.recv_topk_idx = o->recv_topk_idx;
-    rp.recv_topk_weights = o->recv_topk_weights;
-    rp.recv_src_idx = o->recv_src_idx;
-    rp.recv_rank_prefix = o->recv_rank_prefix;
-    rp.num_recv_tokens_per_expert = o->num_recv_tokens_per_expert;
-    rp.num_recv_tokens = o->num_recv_tokens;
-    sp.capacity_rows = rp.capacity_rows;
-    sp.rank_prefix_matrix = rp.rank_prefix_matrix;
-    sp.handle_recv_src_idx = rp.handle_recv_src_idx;
-    sp.recv_x = rp.recv_x;
-    sp.recv_x_scales = rp.recv_x_scales;
-    sp.recv_topk_idx = rp.recv_topk_idx;
-    sp.recv_topk_weights = rp.recv_topk_weights;
-    sp.recv_src_idx = rp.recv_src_idx;
+    dp.x = a->x;
+    dp.x_scales = a->x_scales;
+    dp.topk_idx = a->topk_idx;
+    dp.topk_weights = a->topk_weights;
+    dp.topk_is_int64 = a->topk_idx_type == epxInt64;
+    dp.num_tokens = a->num_tokens;
+    dp.num_topk = a->num_topk;
+    dp.payload_bytes = (int)epx_payload_row_bytes(a->hidden, fp8);
+    dp.scale_bytes = fp8 ? (int)epx_scale_row_bytes(a->hidden, a->scale_format) : 0;
+    dp.send_row = h->send_row;
+    dp.num_worst_tokens = a->num_worst_tokens;
+    dp.capacity_rows = o->capacity_rows;
+    dp.rank_prefix_matrix = h->rank_prefix_matrix;
+    dp.handle_per_expert = h->num_recv_per_expert;
+    dp.handle_recv_src_idx = h->recv_src_idx;
+    dp.recv_x = o->recv_x;
+    dp.recv_x_scales = o->recv_x_scales;
+    dp.recv_topk_idx = o->recv_topk_idx;
+    dp.recv_topk_weights = o->recv_topk_weights;
+    dp.recv_src_idx = o->recv_src_idx;
+    dp.recv_rank_prefix = o->recv_rank_prefix;
+    dp.num_recv_tokens_per_expert = o->num_recv_tokens_per_expert;
+    dp.num_recv_tokens = o->num_recv_tokens;
   }
   cudaError_t e = epx_cuda_launch_hello(&hp, s);
-  if (e == cudaSuccess) e = epx_cuda_launch_dispatch_send(&sp, cc->blocks, s);
-  if (e == cudaSuccess) e = epx_cuda_launch_dispatch_recv(&rp, cc->blocks, s);
+  if (e == cudaSuccess) e = epx_cuda_launch_dispatch(&dp, cc->blocks, s);
   if (e != cudaSuccess) {
     /* Some kernels of the op may be queued: the ranks no longer line up. */
     epx_set_async_error(comm, epxCudaError);
@@ -1069,44 +1089,34 @@ static epxResult_t cuda_combine(epxComm_t comm, const epxCall_t *call, const epx
   hp.ctx = make_ctx(comm);
   hp.seq = call->seq;
   hp.op = call->op;
-  EpxCombineSendParams sp;
-  memset(&sp, 0, sizeof sp);
-  sp.ctx = hp.ctx;
-  sp.seq = call->seq;
-  sp.invalid = invalid;
-  EpxCombineReduceParams rp;
-  memset(&rp, 0, sizeof rp);
-  rp.ctx = hp.ctx;
-  rp.seq = call->seq;
-  rp.invalid = invalid;
+  EpxCombineParams cp;
+  memset(&cp, 0, sizeof cp);
+  cp.ctx = hp.ctx;
+  cp.seq = call->seq;
+  cp.invalid = invalid;
   if (invalid) {
     hp.flags = EPX_HELLO_INVALID;
   } else {
     hp.flags = hello_flags(call, 0, a->topk_weights != NULL);
     hp.hidden = a->hidden;
     hp.topk = a->topk_weights ? a->num_topk : 0;
-    sp.x = a->x;
-    sp.topk_weights = a->topk_weights;
-    sp.hidden = a->hidden;
-    sp.num_topk = a->num_topk;
-    sp.rank_prefix_matrix = h->rank_prefix_matrix;
-    sp.recv_src_idx = h->recv_src_idx;
-    rp.hidden = a->hidden;
-    rp.num_topk = a->num_topk;
-    rp.num_tokens = h->num_tokens;
-    rp.has_weights = a->topk_weights != NULL;
-    rp.is_token_in_rank = h->is_token_in_rank;
-    rp.send_row = h->send_row;
-    rp.x = a->x;
-    rp.topk_weights = a->topk_weights;
-    rp.bias0 = a->bias[0];
-    rp.bias1 = a->bias[1];
-    rp.combined_x = o->combined_x;
-    rp.combined_topk_weights = o->combined_topk_weights;
+    cp.x = a->x;
+    cp.topk_weights = a->topk_weights;
+    cp.hidden = a->hidden;
+    cp.num_topk = a->num_topk;
+    cp.num_tokens = h->num_tokens;
+    cp.has_weights = a->topk_weights != NULL;
+    cp.rank_prefix_matrix = h->rank_prefix_matrix;
+    cp.recv_src_idx = h->recv_src_idx;
+    cp.is_token_in_rank = h->is_token_in_rank;
+    cp.send_row = h->send_row;
+    cp.bias0 = a->bias[0];
+    cp.bias1 = a->bias[1];
+    cp.combined_x = o->combined_x;
+    cp.combined_topk_weights = o->combined_topk_weights;
   }
   cudaError_t e = epx_cuda_launch_hello(&hp, s);
-  if (e == cudaSuccess) e = epx_cuda_launch_combine_send(&sp, cc->blocks, s);
-  if (e == cudaSuccess) e = epx_cuda_launch_combine_reduce(&rp, cc->blocks, s);
+  if (e == cudaSuccess) e = epx_cuda_launch_combine(&cp, cc->blocks, s);
   if (e != cudaSuccess) {
     epx_set_async_error(comm, epxCudaError);
     return cuda_fail(comm, e, "epxCombine: kernel launch");

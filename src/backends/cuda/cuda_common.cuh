@@ -11,21 +11,23 @@
  *      peer's slot [e % 2][src] == e. A peer posts hello e only once its
  *      previous op has consumed its region (stream order), so after the hello
  *      every peer's region is free for op e: no separate release flags.
- *   2. data: payload rows are written straight into the peer's region (dispatch:
- *      at their final receive row; combine: at slot token * R + me of the source),
- *      then arrival[me] = e is release-stored in every peer's region.
- *   3. consume: acquire arrival[src] == e of every peer, then copy or reduce
- *      into the caller's outputs.
+ *   2. data, one launch: send blocks write payload rows straight into the
+ *      peer's region (dispatch: at their final receive row; combine: at slot
+ *      token * R + me of the source) in chunks of source tokens, and after
+ *      each chunk release-store a progress word into every peer's region
+ *      (see "chunk progress" below).
+ *   3. consume, in the same launch: the other blocks acquire the progress
+ *      words of a chunk from every peer, then copy or reduce that chunk into
+ *      the caller's outputs while later chunks are still in flight.
  * Two hello slots suffice: a rank posts hello e + 2 (slot e % 2) only after
  * hello e + 1 of every peer, which a peer posts only once its op e (hello e
  * included) has finished on its stream.
  *
- * Tried and dropped (2xH200, EP2, 32 SMs, this commit's history): one launch
- * whose first blocks send and flag every chunk of 2-16 tokens with a release
- * store while the other blocks copy or reduce the chunks as they land. It was
- * exact but slower than send-then-consume (dispatch 341 vs 250 us, combine
- * 386 vs 329 at 4 tokens a chunk): the per-chunk system fences of the senders
- * cost more than the overlap saved.
+ * Tried and dropped (2xH200, EP2, 32 SMs): the same one launch with chunks of
+ * 2-16 tokens, flagged per chunk. It was exact but slower than a send kernel
+ * followed by a consume kernel (dispatch 341 vs 250 us, combine 386 vs 329 at
+ * 4 tokens a chunk): the per-chunk system fences of the senders cost more
+ * than the overlap saved. Chunks are now hundreds of tokens (EPX_CUDA_CHUNK_TOKENS).
  */
 #ifndef EPX_CUDA_COMMON_CUH
 #define EPX_CUDA_COMMON_CUH
@@ -54,6 +56,11 @@
 #define EPX_CUDA_DEFAULT_BLOCKS 32
 /* 16-byte vectors each lane keeps in flight per round of a row copy. */
 #define EPX_CUDA_COPY_UNROLL 4
+/* Most blocks a normal-mode data kernel may have (one progress word per block
+ * and source in the region; the SM count of any current GPU is below it). */
+#define EPX_CUDA_MAX_BLOCKS 256
+/* Progress word value meaning "every chunk of this op is sent". */
+#define EPX_PROGRESS_ALL 0xffffffull
 /* A spinning thread looks at the clock and the sticky fatal flag once per this
  * many polls ... */
 #define EPX_CUDA_POLL_CHECK_EVERY 64
@@ -114,7 +121,9 @@ typedef struct EpxHello {
  * IPC mapping of it). One source of truth for host allocation and kernels. */
 typedef struct EpxRegionLayout {
   size_t hello_off, hello_stride; /* [2][R] hello slots */
-  size_t arrival_off;             /* [R] unsigned long long */
+  size_t progress_off;            /* [R source][EPX_CUDA_MAX_BLOCKS] unsigned long long */
+  size_t bound_off;               /* [R source][max_chunks] int: rows sent after each chunk */
+  int chunk_tokens, max_chunks;   /* source tokens per chunk; chunks of max_tokens */
   size_t payload_off, payload_stride;
   size_t scales_off, scales_stride;
   size_t src_off;     /* [rows] int */
@@ -135,15 +144,20 @@ static inline __host__ __device__ size_t epx_cuda_align(size_t n, size_t a) {
  * chunking it through a ring: memory grows with T (see the report). */
 static inline __host__ __device__ EpxRegionLayout epx_cuda_region_layout(int nranks, int max_tokens,
                                                                          int hidden, int max_topk,
-                                                                         int num_local_experts) {
+                                                                         int num_local_experts,
+                                                                         int chunk_tokens) {
   EpxRegionLayout l;
   size_t off = 0;
   l.rows = (long long)nranks * max_tokens;
+  l.chunk_tokens = chunk_tokens;
+  l.max_chunks = (max_tokens + chunk_tokens - 1) / chunk_tokens;
   l.hello_off = off;
   l.hello_stride = epx_cuda_align(sizeof(EpxHello) + sizeof(int) * (size_t)(nranks + num_local_experts), 128);
   off += l.hello_stride * EPX_CUDA_HELLO_SLOTS * (size_t)nranks;
-  l.arrival_off = epx_cuda_align(off, 128);
-  off = l.arrival_off + sizeof(unsigned long long) * (size_t)nranks;
+  l.progress_off = epx_cuda_align(off, 128);
+  off = l.progress_off + sizeof(unsigned long long) * (size_t)nranks * EPX_CUDA_MAX_BLOCKS;
+  l.bound_off = epx_cuda_align(off, 128);
+  off = l.bound_off + sizeof(int) * (size_t)nranks * (size_t)(l.max_chunks > 0 ? l.max_chunks : 1);
   l.payload_off = epx_cuda_align(off, 256);
   l.payload_stride = epx_cuda_align(epx_payload_row_bytes(hidden, 0), EPX_ROW_ALIGN_BYTES);
   off = l.payload_off + l.payload_stride * (size_t)l.rows;
@@ -277,9 +291,9 @@ typedef struct EpxHostShared {
 
 /* Trace points of an op (EPX_CUDA_TRACE; the names per kind are in
  * cuda_backend.cu). Low latency: as named. Normal mode: SEND_PREP = the hello
- * (count exchange) done, SEND_SLOT = send kernel started, SEND_BLOCK0/N and
- * SEND_SIGNALS (arrivals posted) as named, RECV_START = receive kernel
- * started, RECV_SIGNALS = every arrival in, RECV_BLOCK0 = its rows done. */
+ * (count exchange) done, SEND_SLOT = data kernel started, SEND_BLOCK0/N =
+ * send block 0 / the last send block done, RECV_START = the first consume
+ * block started, RECV_SIGNALS = its first chunk in, RECV_BLOCK0 = it is done. */
 enum {
   /* from the start of the send kernel (block 0) */
   EPX_TRACE_SEND_PREP = 0,  /* send, block 0: bitmasks (dispatch) or row prefix (combine) built */
@@ -309,12 +323,12 @@ typedef struct EpxCudaState {
   int call_status;          /* epxResult_t the hello of the current op decided */
   int fatal;                /* sticky: a wait failed (timeout, abort); everything stops */
   int err_claim;            /* first error of an op wins the record */
-  unsigned int done;        /* last-block counter of the send kernels */
   /* low-latency mode (ll_*.cu) */
   unsigned long long ll_epoch; /* low-latency ops begun (dispatch and combine share it) */
   unsigned int ll_send_done;   /* last-block counter of the LL send kernels */
   unsigned int ll_recv_done;   /* last-block counter of the LL receive kernels */
   unsigned int layout_done;    /* last-block counter of the layout kernel */
+  unsigned int trace_done[2];  /* EPX_CUDA_TRACE: send / consume blocks of a normal op finished */
   /* EPX_CUDA_TRACE=1: where the time of the LL ops goes. trace_t0 is the
    * %globaltimer at the start of the current op's send kernel; each point adds
    * its delta to trace_sum[kind][point] (one writer per point: no atomics). */
@@ -339,6 +353,9 @@ typedef struct EpxDevCtx {
   int ll_max_tokens;
   int trace; /* EPX_CUDA_TRACE */
   int pdl;   /* EPX_CUDA_PDL: launch the op kernels as programmatic dependents */
+  /* Normal-mode data kernels: blocks [0, send_blocks) send, the others
+   * consume (copy out / reduce) chunk by chunk as the progress words allow. */
+  int send_blocks;
   /* Liveness words, host memory mapped for the device: rank r's at
    * live[r * EPX_LIVE_SLOT_WORDS], nonzero once r will not arrive any more
    * (aborted, destroyed, failed, or its process gone). NULL: none, waits on a
@@ -402,6 +419,21 @@ static __device__ __forceinline__ void epx_trace(const EpxDevCtx &c, int op, int
   if (point == EPX_TRACE_RECV_START) c.state->trace_t1 = now;
   const unsigned long long base = point > EPX_TRACE_RECV_START ? c.state->trace_t1 : c.state->trace_t0;
   c.state->trace_sum[epx_trace_kind(op)][point] += now - base;
+}
+
+/* End of a normal-mode data kernel block (every thread): with tracing on,
+ * the last send block to finish records SEND_SIGNALS and the last consume
+ * block RECV_END (the critical path, not just blocks 0 and N). */
+static __device__ void epx_trace_block_done(const EpxDevCtx &c, int op) {
+  if (!c.trace) return;
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  const int consumer = (int)blockIdx.x >= c.send_blocks;
+  const unsigned int n = consumer ? gridDim.x - c.send_blocks : c.send_blocks;
+  __threadfence();
+  if (atomicAdd(&c.state->trace_done[consumer], 1u) != n - 1) return;
+  c.state->trace_done[consumer] = 0;
+  epx_trace(c, op, consumer ? EPX_TRACE_RECV_END : EPX_TRACE_SEND_SIGNALS);
 }
 
 /* ---- errors ---- */
@@ -491,50 +523,68 @@ static __device__ __forceinline__ EpxHello *epx_hello_slot(const EpxDevCtx &c, c
   return (EpxHello *)(region + c.lay.hello_off + slot * c.lay.hello_stride);
 }
 
-static __device__ __forceinline__ unsigned long long *epx_arrival(const EpxDevCtx &c, char *region,
-                                                                  int src) {
-  return (unsigned long long *)(region + c.lay.arrival_off) + src;
+
+/* ---- chunk progress (normal-mode data kernels) ----
+ *
+ * A normal-mode dispatch or combine is one launch: blocks [0, S) send, blocks
+ * [S, B) consume (copy out, or reduce) while the send goes on. Senders walk
+ * their rows in chunks of lay.chunk_tokens source tokens, in order. After its
+ * share of chunk c, send block b release-stores progress[me][b] =
+ * epoch << 24 | (c + 1) into every peer's region, and after its last chunk
+ * epoch << 24 | EPX_PROGRESS_ALL. A consumer that acquired, for every send
+ * block b of src, progress[src][b] >= epoch << 24 | (c + 1) sees every row of
+ * chunks 0..c that src wrote into its region. Values only grow (epochs grow),
+ * so no word is ever reset; S is the same on every rank (checked at set-up).
+ * One system fence per send block and chunk: chunks of hundreds of tokens
+ * keep that cost small next to the rows (per-token signals cost more than the
+ * overlap gained). */
+static __device__ __forceinline__ unsigned long long *epx_progress(const EpxDevCtx &c, char *region,
+                                                                   int src, int block) {
+  return (unsigned long long *)(region + c.lay.progress_off) +
+         (size_t)src * EPX_CUDA_MAX_BLOCKS + (size_t)block;
 }
 
-/* Ends a send kernel: once every block's writes are done, the last block
- * release-stores arrival[me] = epoch into every peer's region. Each block's
- * writes are ordered before its counter increment by a system fence; the last
- * block sees all increments (one RMW chain), fences again, and each of its
- * threads r fences and release-stores peer r's word, which pairs with the
- * ld.acquire.sys in epx_wait_epoch on that peer (phase ARRIVAL). */
-static __device__ void epx_post_arrival(const EpxDevCtx &c, unsigned long long epoch, int op) {
-  __shared__ int s_last;
+static __device__ __forceinline__ unsigned long long epx_progress_value(unsigned long long epoch,
+                                                                        unsigned long long chunks) {
+  return epoch << 24 | chunks;
+}
+
+/* Rows sent to me by src after its chunks 0..c (written by every send block
+ * of src before its progress store: all write the same value). */
+static __device__ __forceinline__ int *epx_bound(const EpxDevCtx &c, char *region, int src, int chunk) {
+  return (int *)(region + c.lay.bound_off) + (size_t)src * c.lay.max_chunks + (size_t)chunk;
+}
+
+/* Every thread of a send block, after its share of a chunk: this block's
+ * writes (ordered before the stores by the barrier and each storing thread's
+ * system fence) are released to every peer with `value`. */
+static __device__ void epx_post_progress(const EpxDevCtx &c, unsigned long long value) {
   __syncthreads();
-  if (threadIdx.x == 0) {
+  if ((int)threadIdx.x < c.nranks && (int)threadIdx.x != c.rank) {
     __threadfence_system();
-    unsigned int prev = atomicAdd(&c.state->done, 1u);
-    s_last = prev == gridDim.x - 1;
-    if (s_last) {
-      c.state->done = 0; /* ready for the next send kernel (stream order) */
-      __threadfence_system();
-    }
-  }
-  __syncthreads();
-  if (s_last && threadIdx.x == 32) epx_trace(c, op, EPX_TRACE_SEND_SIGNALS);
-  if (s_last && (int)threadIdx.x < c.nranks) {
-    __threadfence_system();
-    epx_st_release_sys(epx_arrival(c, c.peers[threadIdx.x], c.rank), epoch);
+    epx_st_release_sys(epx_progress(c, c.peers[threadIdx.x], c.rank, blockIdx.x), value);
   }
 }
 
-/* Every block of a consume kernel waits for every peer's arrival (thread r
- * waits on peer r). Returns 1 when all arrived, 0 on a failed wait. */
-static __device__ int epx_wait_arrivals(const EpxDevCtx &c, unsigned long long epoch, int op,
-                                        unsigned long long seq) {
+/* Every thread of a consume block: waits until every send block of every peer
+ * src in src_mask (bit src) posted at least `value`. Returns 1 for the whole block when all did, 0 after
+ * a failed wait (recorded; the sticky fatal flag ends the other waits). */
+static __device__ int epx_wait_progress(const EpxDevCtx &c, unsigned long long src_mask,
+                                        unsigned long long value, int op, unsigned long long seq) {
   __shared__ int s_ok;
   if (threadIdx.x == 0) s_ok = 1;
   __syncthreads();
-  if ((int)threadIdx.x < c.nranks) {
-    const unsigned long long *flag = epx_arrival(c, c.peers[c.rank], threadIdx.x);
-    if (!epx_wait_epoch(c, flag, epoch, op, EPX_PHASE_ARRIVAL, threadIdx.x, seq)) s_ok = 0;
+  const int S = c.send_blocks, n = c.nranks * S;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const int src = i / S;
+    if (src == c.rank || !((src_mask >> src) & 1ull)) continue;
+    if (!epx_wait_epoch(c, epx_progress(c, c.peers[c.rank], src, i % S), value, op,
+                        EPX_PHASE_ARRIVAL, src, seq)) {
+      s_ok = 0;
+      break;
+    }
   }
   __syncthreads();
-  if (blockIdx.x == 0 && threadIdx.x == 0 && s_ok) epx_trace(c, op, EPX_TRACE_RECV_SIGNALS);
   return s_ok;
 }
 
@@ -756,7 +806,10 @@ typedef struct EpxHelloParams {
   int *send_row, *rank_prefix_matrix, *num_recv_per_expert;
 } EpxHelloParams;
 
-typedef struct EpxDispatchSendParams {
+/* Dispatch, one launch: send blocks write every token into its final row on
+ * each destination; copy-out blocks move the peers' rows from the region
+ * into the caller's outputs chunk by chunk as they arrive. */
+typedef struct EpxDispatchParams {
   EpxDevCtx ctx;
   unsigned long long seq;
   int invalid;
@@ -768,57 +821,37 @@ typedef struct EpxDispatchSendParams {
   int payload_bytes, scale_bytes;
   const int *send_row; /* handle: [T, R] final row on r or -1 */
   /* Rows for this rank itself go straight into the caller's outputs (no
-   * staging, no copy-out) when N_recv fits the capacity; the receive kernel
-   * then copies only the peers' rows. */
-  long long capacity_rows;
-  const int *rank_prefix_matrix; /* handle */
-  int *handle_recv_src_idx;      /* handle */
-  void *recv_x, *recv_x_scales, *recv_topk_idx;
-  float *recv_topk_weights;
-  int *recv_src_idx;
-} EpxDispatchSendParams;
-
-typedef struct EpxDispatchRecvParams {
-  EpxDevCtx ctx;
-  unsigned long long seq;
-  int invalid;
-  int num_topk, payload_bytes, scale_bytes, topk_is_int64;
-  long long num_worst_tokens;
+   * staging, no copy-out) when N_recv fits the capacity; the copy-out then
+   * moves only the peers' rows. */
   long long capacity_rows;           /* rows the caller allocated: N_recv is checked against it */
+  long long num_worst_tokens;
   const int *rank_prefix_matrix;     /* handle */
   const int *handle_per_expert;      /* handle */
   int *handle_recv_src_idx;          /* handle */
   void *recv_x, *recv_x_scales, *recv_topk_idx;
   float *recv_topk_weights;
   int *recv_src_idx, *recv_rank_prefix, *num_recv_tokens_per_expert, *num_recv_tokens;
-} EpxDispatchRecvParams;
+} EpxDispatchParams;
 
-typedef struct EpxCombineSendParams {
+/* Combine, one launch: send blocks push rows of remote sources into their
+ * slots; reduce blocks sum each token's slots once its chunk has arrived. The
+ * send pushes only rows of remote sources: the reduce reads this rank's own
+ * rows straight from x (row send_row[t][me]), so they are never copied. */
+typedef struct EpxCombineParams {
   EpxDevCtx ctx;
   unsigned long long seq;
   int invalid;
-  const void *x;
-  const float *topk_weights;
-  int hidden, num_topk;
+  const void *x;                 /* this rank's combine input (expert side) [N_recv, H] */
+  const float *topk_weights;     /* this rank's input weights [N_recv, num_topk] or NULL */
+  int hidden, num_topk, num_tokens, has_weights;
   const int *rank_prefix_matrix; /* handle */
   const int *recv_src_idx;       /* handle */
-} EpxCombineSendParams;
-/* The send kernel pushes only rows of remote sources: the reduce reads this
- * rank's own rows straight from x (row send_row[t][me]), so they are never copied. */
-
-typedef struct EpxCombineReduceParams {
-  EpxDevCtx ctx;
-  unsigned long long seq;
-  int invalid;
-  int hidden, num_topk, num_tokens, has_weights;
   const uint8_t *is_token_in_rank; /* handle */
-  const int *send_row;             /* handle: [T, R]; column me = my token's row in x */
-  const void *x;                   /* this rank's combine input (expert side) */
-  const float *topk_weights;       /* this rank's input weights [N_recv, num_topk] or NULL */
+  const int *send_row;           /* handle: [T, R]; column me = my token's row in x */
   const void *bias0, *bias1;
   void *combined_x;
   float *combined_topk_weights;
-} EpxCombineReduceParams;
+} EpxCombineParams;
 
 typedef struct EpxLayoutParams {
   EpxDevCtx ctx;
@@ -867,14 +900,8 @@ static inline __host__ __device__ size_t epx_cuda_hello_smem_bytes(int nranks, i
                 (size_t)num_experts + (size_t)(num_experts / nranks);
   return ints * sizeof(int);
 }
-cudaError_t epx_cuda_launch_dispatch_send(const EpxDispatchSendParams *p, int blocks,
-                                          cudaStream_t stream);
-cudaError_t epx_cuda_launch_dispatch_recv(const EpxDispatchRecvParams *p, int blocks,
-                                          cudaStream_t stream);
-cudaError_t epx_cuda_launch_combine_send(const EpxCombineSendParams *p, int blocks,
-                                         cudaStream_t stream);
-cudaError_t epx_cuda_launch_combine_reduce(const EpxCombineReduceParams *p, int blocks,
-                                           cudaStream_t stream);
+cudaError_t epx_cuda_launch_dispatch(const EpxDispatchParams *p, int blocks, cudaStream_t stream);
+cudaError_t epx_cuda_launch_combine(const EpxCombineParams *p, int blocks, cudaStream_t stream);
 cudaError_t epx_cuda_launch_layout(const EpxLayoutParams *p, cudaStream_t stream);
 
 /* ---- low-latency launches (ll_*.cu) ---- */

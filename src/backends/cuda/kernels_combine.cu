@@ -1,12 +1,21 @@
 /*
- * kernels_combine.cu - normal-mode combine over NVLink: send, then reduce.
+ * kernels_combine.cu - normal-mode combine over NVLink, one launch: send
+ * blocks and reduce blocks run at once (see "chunk progress" in
+ * cuda_common.cuh).
  *
- * Send: the expert-side rank writes each received row (one warp per row) into
- * the source rank's region at slot (source token * R + me): writes, not reads,
- * cross NVLink. Reduce: the source rank sums, per token, the slots of the
- * ranks that received it, in the canonical order (nodes ascending, ranks
- * ascending inside a node; FP32 with one rounding per add), adds the biases
- * and rounds to BF16 once, exactly as the host reference does.
+ * Send (blocks [0, S)): the expert-side rank writes each received row of a
+ * remote source (one warp per row) into the source's region at slot
+ * (source token * R + me): writes, not reads, cross NVLink. Rows go in chunks
+ * of source tokens; inside a chunk the rows of the R - 1 remote sources are
+ * interleaved, starting with rank me + 1, so every rank writes to every peer
+ * at once: taking the rows in receive order (source 0 first) made all ranks
+ * write into one peer at a time, capped by that peer's NVLink ingress.
+ * Reduce (blocks [S, B)): once every peer's send blocks have passed a chunk,
+ * the source rank sums, per token of that chunk, the slots of the ranks that
+ * received it, in the canonical order (nodes ascending, ranks ascending inside
+ * a node; FP32 with one rounding per add), adds the biases and rounds to BF16
+ * once, exactly as the host reference does. The reduce of chunk c overlaps
+ * the send of chunk c + 1.
  */
 #include "backends/cuda/cuda_common.cuh"
 
@@ -14,61 +23,88 @@
 /* BF16 values in one 16-byte vector. */
 #define EPX_BF16_PER_VEC 8
 
-/* The source rank of receive row `row`: the first s whose inclusive prefix
- * (column me of the matrix) passes the row. R <= 64: two lanes' worth per lane. */
-static __device__ __forceinline__ int epx_row_source(const int *matrix, int R, int me, int row) {
-  const int lane = threadIdx.x % 32;
-  bool lo = lane < R && row < matrix[lane * R + me];
-  bool hi = lane + 32 < R && row < matrix[(lane + 32) * R + me];
-  unsigned m_lo = __ballot_sync(0xffffffffu, lo), m_hi = __ballot_sync(0xffffffffu, hi);
-  return m_lo ? __ffs(m_lo) - 1 : __ffs(m_hi) - 1 + 32;
+/* First row in [lo, hi) whose source token is >= token (rows of one source
+ * are in ascending token order). */
+static __device__ __forceinline__ int epx_rows_lower_bound(const int *src_idx, int lo, int hi, int token) {
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (src_idx[mid] < token) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
 }
 
-__global__ void __launch_bounds__(EPX_CUDA_DATA_THREADS) epx_combine_send_kernel(EpxCombineSendParams p) {
-  epx_wait_prior_grid(); /* PDL: the previous kernel's writes are visible from here */
-  epx_allow_dependents();
+/* One row to its source's slot, with its top-k weights. */
+static __device__ __forceinline__ void epx_combine_send_row(const EpxCombineParams &p, int row, int s) {
   const EpxDevCtx &c = p.ctx;
   const EpxRegionLayout &L = c.lay;
-  const EpxOpStart op = epx_op_start(c, p.invalid);
-  if (op.fatal) return;
-  if (threadIdx.x == 0 && blockIdx.x == 0) epx_trace(c, EPX_OP_COMBINE, EPX_TRACE_SEND_SLOT);
-  if (!op.skip) {
-    const int R = c.nranks, me = c.rank, lane = threadIdx.x % 32;
-    const int n_recv = p.rank_prefix_matrix[(R - 1) * R + me];
-    /* My own rows [lo, hi) stay in x: the reduce reads them there. */
-    const int lo = me > 0 ? p.rank_prefix_matrix[(me - 1) * R + me] : 0;
-    const int own = p.rank_prefix_matrix[me * R + me] - lo;
-    const int n_remote = n_recv - own;
-    const int nvec = p.hidden * 2 / 16;
-    const int warps = gridDim.x * EPX_WARPS_PER_BLOCK;
-    for (int i = blockIdx.x * EPX_WARPS_PER_BLOCK + threadIdx.x / 32; i < n_remote; i += warps) {
-      const int row = i < lo ? i : i + own;
-      int s = epx_row_source(p.rank_prefix_matrix, R, me, row);
-      size_t slot = (size_t)p.recv_src_idx[row] * R + me;
-      const int4 *src = (const int4 *)((const char *)p.x + (size_t)row * p.hidden * 2);
-      int4 *dst = (int4 *)(c.peers[s] + L.payload_off + slot * L.payload_stride);
-      for (int v0 = 0; v0 < nvec; v0 += 32 * EPX_CUDA_COPY_UNROLL) {
-        int4 buf[EPX_CUDA_COPY_UNROLL];
+  const int lane = threadIdx.x % 32;
+  const int nvec = p.hidden * 2 / 16;
+  const size_t slot = (size_t)p.recv_src_idx[row] * c.nranks + c.rank;
+  const int4 *src = (const int4 *)((const char *)p.x + (size_t)row * p.hidden * 2);
+  int4 *dst = (int4 *)(c.peers[s] + L.payload_off + slot * L.payload_stride);
+  for (int v0 = 0; v0 < nvec; v0 += 32 * EPX_CUDA_COPY_UNROLL) {
+    int4 buf[EPX_CUDA_COPY_UNROLL];
 #pragma unroll
-        for (int u = 0; u < EPX_CUDA_COPY_UNROLL; ++u) {
-          int v = v0 + u * 32 + lane;
-          if (v < nvec) buf[u] = epx_ld_nc_v4(src + v);
-        }
+    for (int u = 0; u < EPX_CUDA_COPY_UNROLL; ++u) {
+      int v = v0 + u * 32 + lane;
+      if (v < nvec) buf[u] = epx_ld_nc_v4(src + v);
+    }
 #pragma unroll
-        for (int u = 0; u < EPX_CUDA_COPY_UNROLL; ++u) {
-          int v = v0 + u * 32 + lane;
-          if (v < nvec) dst[v] = buf[u];
-        }
-      }
-      if (p.topk_weights && lane < p.num_topk)
-        ((float *)(c.peers[s] + L.weights_off))[slot * c.max_topk + lane] =
-            p.topk_weights[(size_t)row * p.num_topk + lane];
+    for (int u = 0; u < EPX_CUDA_COPY_UNROLL; ++u) {
+      int v = v0 + u * 32 + lane;
+      if (v < nvec) dst[v] = buf[u];
     }
   }
+  if (p.topk_weights && lane < p.num_topk)
+    ((float *)(c.peers[s] + L.weights_off))[slot * c.max_topk + lane] =
+        p.topk_weights[(size_t)row * p.num_topk + lane];
+}
+
+/* Send block: the rows of every remote source, chunk by chunk, then a
+ * progress word per chunk into every peer. A skipped op posts "all sent" at
+ * once, so every rank's op ends together. */
+static __device__ void epx_combine_send(const EpxCombineParams &p, const EpxOpStart &op) {
+  const EpxDevCtx &c = p.ctx;
+  const int R = c.nranks, me = c.rank, Tc = c.lay.chunk_tokens;
+  __shared__ int s_lo[EPX_CUDA_MAX_RANKS], s_hi[EPX_CUDA_MAX_RANKS], s_end[EPX_CUDA_MAX_RANKS];
+  __shared__ int s_chunks;
+  if (threadIdx.x == 0) s_chunks = 0;
+  __syncthreads();
+  if (!op.skip && (int)threadIdx.x < R) {
+    const int s = threadIdx.x;
+    const int lo = s > 0 ? p.rank_prefix_matrix[(s - 1) * R + me] : 0;
+    const int hi = s == me ? lo : p.rank_prefix_matrix[s * R + me];
+    s_lo[s] = lo;
+    s_end[s] = hi;
+    if (hi > lo) atomicMax(&s_chunks, p.recv_src_idx[hi - 1] / Tc + 1);
+  }
+  __syncthreads();
+  const int chunks = s_chunks;
+  const int warps = c.send_blocks * EPX_WARPS_PER_BLOCK;
+  const int gwarp = blockIdx.x * EPX_WARPS_PER_BLOCK + threadIdx.x / 32;
+  for (int ch = 0; ch < chunks; ++ch) {
+    if ((int)threadIdx.x < R) {
+      const int s = threadIdx.x;
+      s_hi[s] = epx_rows_lower_bound(p.recv_src_idx, s_lo[s], s_end[s], (ch + 1) * Tc);
+    }
+    __syncthreads();
+    /* Interleave: item i is row i / (R - 1) of source me + 1 + i % (R - 1). */
+    int most = 0;
+    for (int s = 0; s < R; ++s) most = max(most, s_hi[s] - s_lo[s]);
+    const int items = (R - 1) * most;
+    for (int i = gwarp; i < items; i += warps) {
+      const int s = (me + 1 + i % (R - 1)) % R, k = i / (R - 1);
+      if (k < s_hi[s] - s_lo[s]) epx_combine_send_row(p, s_lo[s] + k, s);
+    }
+    epx_post_progress(c, epx_progress_value(op.epoch, ch + 1 == chunks ? EPX_PROGRESS_ALL : ch + 1));
+    __syncthreads();
+    if ((int)threadIdx.x < R) s_lo[threadIdx.x] = s_hi[threadIdx.x];
+  }
+  if (chunks == 0) epx_post_progress(c, epx_progress_value(op.epoch, EPX_PROGRESS_ALL));
   if (threadIdx.x == 0 && blockIdx.x == 0) epx_trace(c, EPX_OP_COMBINE, EPX_TRACE_SEND_BLOCK0);
-  if (threadIdx.x == 0 && blockIdx.x == gridDim.x - 1 && gridDim.x > 1)
+  if (threadIdx.x == 0 && blockIdx.x == c.send_blocks - 1 && c.send_blocks > 1)
     epx_trace(c, EPX_OP_COMBINE, EPX_TRACE_SEND_BLOCKN);
-  epx_post_arrival(c, op.epoch, EPX_OP_COMBINE);
 }
 
 static __device__ __forceinline__ void epx_unpack_bf16x8(int4 v, float f[EPX_BF16_PER_VEC]) {
@@ -108,7 +144,7 @@ static __device__ __forceinline__ int epx_next_rank(unsigned &m_lo, unsigned &m_
 
 /* Row of token t from rank r: my own row straight from x (read-only input),
  * a peer's row from its slot t * R + r in my region. */
-static __device__ __forceinline__ const int4 *epx_reduce_row(const EpxCombineReduceParams &p, int t,
+static __device__ __forceinline__ const int4 *epx_reduce_row(const EpxCombineParams &p, int t,
                                                              int r, int my_row) {
   const EpxDevCtx &c = p.ctx;
   if (r == c.rank) return (const int4 *)((const char *)p.x + (size_t)my_row * p.hidden * 2);
@@ -154,7 +190,7 @@ static __device__ __forceinline__ void epx_reduce_add(int r, int rpn, int &node,
 
 /* One token: each lane keeps EPX_REDUCE_UNROLL vectors of two ranks in flight
  * per step (one warp per token, so the loads must overlap to fill HBM). */
-static __device__ void epx_combine_reduce_token(const EpxCombineReduceParams &p, int t,
+static __device__ void epx_combine_reduce_token(const EpxCombineParams &p, int t,
                                                 unsigned in_lo, unsigned in_hi) {
   const EpxDevCtx &c = p.ctx;
   const EpxRegionLayout &L = c.lay;
@@ -226,43 +262,53 @@ static __device__ void epx_combine_reduce_token(const EpxCombineReduceParams &p,
   }
 }
 
-__global__ void __launch_bounds__(EPX_CUDA_DATA_THREADS) epx_combine_reduce_kernel(EpxCombineReduceParams p) {
-  epx_wait_prior_grid(); /* PDL: the previous kernel's writes are visible from here */
-  epx_allow_dependents();
+/* Reduce block: the tokens of each chunk, once every peer has sent it. */
+static __device__ void epx_combine_reduce(const EpxCombineParams &p, const EpxOpStart &op) {
   const EpxDevCtx &c = p.ctx;
-  const EpxOpStart op = epx_op_start(c, p.invalid);
-  if (op.fatal) return;
-  if (threadIdx.x == 0 && blockIdx.x == 0) epx_trace(c, EPX_OP_COMBINE, EPX_TRACE_RECV_START);
-  /* The slots were written by every peer before its arrival release; this
-   * block's acquire of each arrival orders the reads below after them. */
-  if (!epx_wait_arrivals(c, op.epoch, EPX_OP_COMBINE, p.seq)) return;
-  if (op.skip) return;
-  const int R = c.nranks, lane = threadIdx.x % 32;
-  const int warps = gridDim.x * EPX_WARPS_PER_BLOCK;
-  for (int t = blockIdx.x * EPX_WARPS_PER_BLOCK + threadIdx.x / 32; t < p.num_tokens; t += warps) {
-    const uint8_t *itr = p.is_token_in_rank + (size_t)t * R;
-    unsigned in_lo = __ballot_sync(0xffffffffu, lane < R && itr[lane]);
-    unsigned in_hi = __ballot_sync(0xffffffffu, lane + 32 < R && itr[lane + 32]);
-    epx_combine_reduce_token(p, t, in_lo, in_hi);
+  const int rb = blockIdx.x - c.send_blocks;
+  if (rb == 0 && threadIdx.x == 0) epx_trace(c, EPX_OP_COMBINE, EPX_TRACE_RECV_START);
+  if (op.skip) {
+    (void)epx_wait_progress(c, ~0ull, epx_progress_value(op.epoch, EPX_PROGRESS_ALL), EPX_OP_COMBINE, p.seq);
+    return;
   }
-  if (blockIdx.x == 0) {
+  const int R = c.nranks, lane = threadIdx.x % 32, Tc = c.lay.chunk_tokens;
+  const int warps = (gridDim.x - c.send_blocks) * EPX_WARPS_PER_BLOCK;
+  const int gwarp = rb * EPX_WARPS_PER_BLOCK + threadIdx.x / 32;
+  const int chunks = (p.num_tokens + Tc - 1) / Tc;
+  for (int ch = 0; ch < chunks; ++ch) {
+    /* The slots were written by every peer before its progress release; this
+     * block's acquire of each progress word orders the reads below after them. */
+    if (!epx_wait_progress(c, ~0ull, epx_progress_value(op.epoch, ch + 1), EPX_OP_COMBINE, p.seq)) return;
+    if (rb == 0 && ch == 0 && threadIdx.x == 0) epx_trace(c, EPX_OP_COMBINE, EPX_TRACE_RECV_SIGNALS);
+    const int end = min(p.num_tokens, (ch + 1) * Tc);
+    for (int t = ch * Tc + gwarp; t < end; t += warps) {
+      const uint8_t *itr = p.is_token_in_rank + (size_t)t * R;
+      unsigned in_lo = __ballot_sync(0xffffffffu, lane < R && itr[lane]);
+      unsigned in_hi = __ballot_sync(0xffffffffu, lane + 32 < R && itr[lane + 32]);
+      epx_combine_reduce_token(p, t, in_lo, in_hi);
+    }
+  }
+  if (rb == 0) {
     __syncthreads();
     if (threadIdx.x == 0) epx_trace(c, EPX_OP_COMBINE, EPX_TRACE_RECV_BLOCK0);
   }
 }
 
-cudaError_t epx_cuda_preload_combine(void) {
-  cudaError_t e = epx_preload(epx_combine_send_kernel);
-  return e != cudaSuccess ? e : epx_preload(epx_combine_reduce_kernel);
+__global__ void __launch_bounds__(EPX_CUDA_DATA_THREADS) epx_combine_kernel(EpxCombineParams p) {
+  epx_wait_prior_grid(); /* PDL: the previous kernel's writes are visible from here */
+  epx_allow_dependents();
+  const EpxOpStart op = epx_op_start(p.ctx, p.invalid);
+  /* After a fatal failure peers are not waited on and nothing more is posted. */
+  if (op.fatal) return;
+  if (threadIdx.x == 0 && blockIdx.x == 0) epx_trace(p.ctx, EPX_OP_COMBINE, EPX_TRACE_SEND_SLOT);
+  if ((int)blockIdx.x < p.ctx.send_blocks) epx_combine_send(p, op);
+  else epx_combine_reduce(p, op);
+  epx_trace_block_done(p.ctx, EPX_OP_COMBINE);
 }
 
-cudaError_t epx_cuda_launch_combine_send(const EpxCombineSendParams *p, int blocks,
-                                         cudaStream_t stream) {
-  return epx_launch(epx_combine_send_kernel, p->ctx.pdl, blocks, EPX_CUDA_DATA_THREADS, 0, stream, *p);
-}
+cudaError_t epx_cuda_preload_combine(void) { return epx_preload(epx_combine_kernel); }
 
-cudaError_t epx_cuda_launch_combine_reduce(const EpxCombineReduceParams *p, int blocks,
-                                           cudaStream_t stream) {
-  return epx_launch(epx_combine_reduce_kernel, p->ctx.pdl, blocks, EPX_CUDA_DATA_THREADS, 0, stream,
-                    *p);
+/* blocks >= 2: at least one send and one reduce block (ctx.send_blocks < blocks). */
+cudaError_t epx_cuda_launch_combine(const EpxCombineParams *p, int blocks, cudaStream_t stream) {
+  return epx_launch(epx_combine_kernel, p->ctx.pdl, blocks, EPX_CUDA_DATA_THREADS, 0, stream, *p);
 }

@@ -1,15 +1,21 @@
 /*
- * kernels_dispatch.cu - normal-mode dispatch over NVLink: send, then receive.
+ * kernels_dispatch.cu - normal-mode dispatch over NVLink, one launch: send
+ * blocks and copy-out blocks run at once (see "chunk progress" in
+ * cuda_common.cuh).
  *
- * Send: one warp per token. The row is read once from x in rounds of 16-byte
- * vectors and each round is stored to every destination rank, straight into
- * the token's final receive row in that rank's region (the row comes from the
+ * Send (blocks [0, S)): one warp per token, tokens in chunks of
+ * lay.chunk_tokens. The row is read once from x in rounds of 16-byte vectors
+ * and each round is stored to every destination rank, straight into the
+ * token's final receive row in that rank's region (the row comes from the
  * handle's send_row, made by the count exchange). One NVLink write per
  * (token, destination rank); no atomics on the data path. Metadata (source
  * token, local top-k ids, weights, FP8 scales) travel in parallel arrays.
- * Receive: once every source's arrival flag shows this op's epoch, rows
- * [0, N_recv) of the region are copied into the caller's outputs (HBM to HBM),
- * and padding rows are marked in worst-case mode.
+ * After each chunk, block 0 also writes into every destination how many rows
+ * it has sent there so far (the chunk's row bound), before its progress word.
+ * Copy-out (blocks [S, B)): as the chunks of each source arrive, their rows
+ * (up to the bound) are copied from the region into the caller's outputs
+ * (HBM to HBM) while later chunks are still in flight; padding rows are
+ * marked in worst-case mode.
  */
 #include "backends/cuda/cuda_common.cuh"
 
@@ -36,14 +42,14 @@ static __device__ __forceinline__ void epx_for_each_dest(unsigned mask_lo, unsig
 
 /* Destination of rank r's copy: my own rows go to the caller's recv_x when
  * `direct`, every other row to its final row in r's region. */
-static __device__ __forceinline__ int4 *epx_dispatch_dst(const EpxDispatchSendParams &p, int r, int row,
+static __device__ __forceinline__ int4 *epx_dispatch_dst(const EpxDispatchParams &p, int r, int row,
                                                          bool direct) {
   const EpxDevCtx &c = p.ctx;
   if (direct && r == c.rank) return (int4 *)((char *)p.recv_x + (size_t)row * p.payload_bytes);
   return (int4 *)(c.peers[r] + c.lay.payload_off + (size_t)row * c.lay.payload_stride);
 }
 
-static __device__ void epx_dispatch_send_token(const EpxDispatchSendParams &p, int t, bool direct) {
+static __device__ void epx_dispatch_send_token(const EpxDispatchParams &p, int t, bool direct) {
   const EpxDevCtx &c = p.ctx;
   const EpxRegionLayout &L = c.lay;
   const int R = c.nranks, lane = threadIdx.x % 32;
@@ -126,35 +132,48 @@ static __device__ void epx_dispatch_send_token(const EpxDispatchSendParams &p, i
   });
 }
 
-__global__ void __launch_bounds__(EPX_CUDA_DATA_THREADS) epx_dispatch_send_kernel(EpxDispatchSendParams p) {
-  epx_wait_prior_grid(); /* PDL: the previous kernel's writes are visible from here */
-  epx_allow_dependents();
+/* Send block: my tokens chunk by chunk; after each chunk block 0 publishes
+ * the row bounds, then every block its progress. A skipped op posts "all
+ * sent" at once, so every rank's op ends together. */
+static __device__ void epx_dispatch_send(const EpxDispatchParams &p, const EpxOpStart &op) {
   const EpxDevCtx &c = p.ctx;
-  const EpxOpStart op = epx_op_start(c, p.invalid);
-  /* After a fatal failure peers are not waited on and nothing more is posted. */
-  if (op.fatal) return;
-  if (threadIdx.x == 0 && blockIdx.x == 0) epx_trace(c, EPX_OP_DISPATCH, EPX_TRACE_SEND_SLOT);
-  if (!op.skip) {
-    const int warps = gridDim.x * EPX_WARPS_PER_BLOCK;
-    /* Same test as the receive kernel's capacity check, on the same matrix. */
-    const bool direct = p.rank_prefix_matrix[(c.nranks - 1) * c.nranks + c.rank] <= p.capacity_rows;
-    for (int t = blockIdx.x * EPX_WARPS_PER_BLOCK + threadIdx.x / 32; t < p.num_tokens; t += warps)
-      epx_dispatch_send_token(p, t, direct);
+  const int R = c.nranks, me = c.rank, Tc = c.lay.chunk_tokens;
+  __shared__ int s_rows[EPX_CUDA_MAX_RANKS]; /* block 0: rows sent to each rank so far */
+  const int chunks = op.skip ? 0 : (p.num_tokens + Tc - 1) / Tc;
+  /* Same test as the copy-out's capacity check, on the same matrix. */
+  const bool direct =
+      !op.skip && p.rank_prefix_matrix[(R - 1) * R + me] <= p.capacity_rows;
+  if (blockIdx.x == 0 && !op.skip && (int)threadIdx.x < R)
+    s_rows[threadIdx.x] = me > 0 ? p.rank_prefix_matrix[(me - 1) * R + threadIdx.x] : 0;
+  const int warps = c.send_blocks * EPX_WARPS_PER_BLOCK;
+  const int gwarp = blockIdx.x * EPX_WARPS_PER_BLOCK + threadIdx.x / 32;
+  for (int ch = 0; ch < chunks; ++ch) {
+    const int end = min(p.num_tokens, (ch + 1) * Tc);
+    for (int t = ch * Tc + gwarp; t < end; t += warps) epx_dispatch_send_token(p, t, direct);
+    if (blockIdx.x == 0) {
+      /* Rows of this chunk per destination: the bound follows in token order. */
+      __syncthreads();
+      for (int i = ch * Tc * R + (int)threadIdx.x; i < end * R; i += blockDim.x)
+        if (p.send_row[i] >= 0) atomicAdd(&s_rows[i % R], 1);
+      __syncthreads();
+      if ((int)threadIdx.x < R && (int)threadIdx.x != me)
+        *epx_bound(c, c.peers[threadIdx.x], me, ch) = s_rows[threadIdx.x];
+    }
+    epx_post_progress(c, epx_progress_value(op.epoch, ch + 1 == chunks ? EPX_PROGRESS_ALL : ch + 1));
   }
-  /* A failed call still posts its arrival, so every rank's op ends together. */
+  if (chunks == 0) epx_post_progress(c, epx_progress_value(op.epoch, EPX_PROGRESS_ALL));
   if (threadIdx.x == 0 && blockIdx.x == 0) epx_trace(c, EPX_OP_DISPATCH, EPX_TRACE_SEND_BLOCK0);
-  if (threadIdx.x == 0 && blockIdx.x == gridDim.x - 1 && gridDim.x > 1)
+  if (threadIdx.x == 0 && blockIdx.x == c.send_blocks - 1 && c.send_blocks > 1)
     epx_trace(c, EPX_OP_DISPATCH, EPX_TRACE_SEND_BLOCKN);
-  epx_post_arrival(c, op.epoch, EPX_OP_DISPATCH);
 }
 
-static __device__ void epx_dispatch_recv_row(const EpxDispatchRecvParams &p, int row) {
+static __device__ void epx_dispatch_recv_row(const EpxDispatchParams &p, int row) {
   const EpxDevCtx &c = p.ctx;
   const EpxRegionLayout &L = c.lay;
   const char *region = c.peers[c.rank];
   const int lane = threadIdx.x % 32;
-  /* Region rows were written by peers before their arrival release, which this
-   * block acquired (epx_wait_arrivals) before any read here. */
+  /* Region rows were written by peers before their progress release, which
+   * this block acquired (epx_wait_progress) before any read here. */
   const int4 *src = (const int4 *)(region + L.payload_off + (size_t)row * L.payload_stride);
   int4 *dst = (int4 *)((char *)p.recv_x + (size_t)row * p.payload_bytes);
   const int nvec = p.payload_bytes / 16;
@@ -192,32 +211,74 @@ static __device__ void epx_dispatch_recv_row(const EpxDispatchRecvParams &p, int
   }
 }
 
-__global__ void __launch_bounds__(EPX_CUDA_DATA_THREADS) epx_dispatch_recv_kernel(EpxDispatchRecvParams p) {
-  epx_wait_prior_grid(); /* PDL: the previous kernel's writes are visible from here */
-  epx_allow_dependents();
+/* Copy-out block: the peers' rows chunk by chunk, as each source's bound
+ * grows, then the worst-case padding and the small outputs. */
+static __device__ void epx_dispatch_copy_out(const EpxDispatchParams &p, const EpxOpStart &op) {
   const EpxDevCtx &c = p.ctx;
-  const EpxOpStart op = epx_op_start(c, p.invalid);
-  if (op.fatal) return;
-  if (threadIdx.x == 0 && blockIdx.x == 0) epx_trace(c, EPX_OP_DISPATCH, EPX_TRACE_RECV_START);
-  if (!epx_wait_arrivals(c, op.epoch, EPX_OP_DISPATCH, p.seq)) return;
-  /* A failed call (invalid arguments somewhere, mismatch) writes no output. */
-  if (op.skip) return;
   const int R = c.nranks, me = c.rank, lane = threadIdx.x % 32;
+  const int cb = blockIdx.x - c.send_blocks;
+  if (cb == 0 && threadIdx.x == 0) epx_trace(c, EPX_OP_DISPATCH, EPX_TRACE_RECV_START);
+  const unsigned long long all_sent = epx_progress_value(op.epoch, EPX_PROGRESS_ALL);
+  /* A failed call (invalid arguments somewhere, mismatch) writes no output. */
+  if (op.skip) {
+    (void)epx_wait_progress(c, ~0ull, all_sent, EPX_OP_DISPATCH, p.seq);
+    return;
+  }
   const int n_recv = p.rank_prefix_matrix[(R - 1) * R + me];
   if (n_recv > p.capacity_rows) {
     /* Only the device knows N_recv in the no-host-sync path: never write past
      * the caller's rows; report instead. */
-    if (blockIdx.x == 0 && threadIdx.x == 0)
+    if (cb == 0 && threadIdx.x == 0)
       epx_record_error(c, epxInvalidArgument, EPX_OP_DISPATCH, EPX_PHASE_CHECK, me,
                        EPX_FIELD_CAPACITY, p.capacity_rows, n_recv, p.seq);
+    (void)epx_wait_progress(c, ~0ull, all_sent, EPX_OP_DISPATCH, p.seq);
     return;
   }
-  const int warps = gridDim.x * EPX_WARPS_PER_BLOCK;
-  const int gwarp = blockIdx.x * EPX_WARPS_PER_BLOCK + threadIdx.x / 32;
-  /* My own rows [lo, lo + own) were written into the outputs by the send kernel. */
-  const int lo = me > 0 ? p.rank_prefix_matrix[(me - 1) * R + me] : 0;
-  const int own = p.rank_prefix_matrix[me * R + me] - lo;
-  for (int i = gwarp; i < n_recv - own; i += warps) epx_dispatch_recv_row(p, i < lo ? i : i + own);
+  const int warps = (gridDim.x - c.send_blocks) * EPX_WARPS_PER_BLOCK;
+  const int gwarp = cb * EPX_WARPS_PER_BLOCK + threadIdx.x / 32;
+  /* Rows of source s: [s_done[s], s_end[s]) still to copy; my own rows were
+   * written into the outputs by the send blocks. */
+  __shared__ int s_done[EPX_CUDA_MAX_RANKS], s_end[EPX_CUDA_MAX_RANKS], s_new[EPX_CUDA_MAX_RANKS];
+  __shared__ unsigned long long s_pending;
+  if ((int)threadIdx.x < R) {
+    const int s = threadIdx.x;
+    const int lo = s > 0 ? p.rank_prefix_matrix[(s - 1) * R + me] : 0;
+    s_done[s] = lo;
+    s_end[s] = s == me ? lo : p.rank_prefix_matrix[s * R + me];
+  }
+  __syncthreads();
+  for (int ch = 0; ch < c.lay.max_chunks; ++ch) {
+    if (threadIdx.x == 0) {
+      unsigned long long m = 0;
+      for (int s = 0; s < R; ++s)
+        if (s_done[s] < s_end[s]) m |= 1ull << s;
+      s_pending = m;
+    }
+    __syncthreads();
+    const unsigned long long pending = s_pending;
+    if (!pending) break;
+    /* Region rows and the bound were written by the source before its
+     * progress release, which this block acquired before any read here. */
+    if (!epx_wait_progress(c, pending, epx_progress_value(op.epoch, ch + 1), EPX_OP_DISPATCH, p.seq))
+      return;
+    if (cb == 0 && ch == 0 && threadIdx.x == 0) epx_trace(c, EPX_OP_DISPATCH, EPX_TRACE_RECV_SIGNALS);
+    if ((int)threadIdx.x < R) {
+      const int s = threadIdx.x;
+      s_new[s] = (pending >> s) & 1ull ? min(max(*epx_bound(c, c.peers[me], s, ch), s_done[s]), s_end[s])
+                                       : s_done[s];
+    }
+    __syncthreads();
+    int total = 0;
+    for (int s = 0; s < R; ++s) total += s_new[s] - s_done[s];
+    for (int i = gwarp; i < total; i += warps) {
+      int s = 0, k = i;
+      while (k >= s_new[s] - s_done[s]) k -= s_new[s] - s_done[s++];
+      epx_dispatch_recv_row(p, s_done[s] + k);
+    }
+    __syncthreads();
+    if ((int)threadIdx.x < R) s_done[threadIdx.x] = s_new[threadIdx.x];
+    __syncthreads();
+  }
   /* Worst-case mode: rows past N_recv say "no expert" (recv_x stays untouched). */
   for (long long row = n_recv + gwarp; row < p.num_worst_tokens; row += warps) {
     if (lane < p.num_topk) {
@@ -226,31 +287,33 @@ __global__ void __launch_bounds__(EPX_CUDA_DATA_THREADS) epx_dispatch_recv_kerne
     }
     if (lane == 0 && p.recv_src_idx) p.recv_src_idx[row] = -1;
   }
-  if (blockIdx.x == 0) {
+  if (cb == 0) {
     if (p.recv_rank_prefix)
       for (int r = threadIdx.x; r < R; r += blockDim.x) p.recv_rank_prefix[r] = p.rank_prefix_matrix[r * R + me];
     if (p.num_recv_tokens_per_expert)
       for (int j = threadIdx.x; j < c.num_local_experts; j += blockDim.x)
         p.num_recv_tokens_per_expert[j] = p.handle_per_expert[j];
     if (threadIdx.x == 0 && p.num_recv_tokens) p.num_recv_tokens[0] = n_recv;
-  }
-  if (blockIdx.x == 0) {
     __syncthreads();
     if (threadIdx.x == 0) epx_trace(c, EPX_OP_DISPATCH, EPX_TRACE_RECV_BLOCK0);
   }
 }
 
-cudaError_t epx_cuda_preload_dispatch(void) {
-  cudaError_t e = epx_preload(epx_dispatch_send_kernel);
-  return e != cudaSuccess ? e : epx_preload(epx_dispatch_recv_kernel);
+__global__ void __launch_bounds__(EPX_CUDA_DATA_THREADS) epx_dispatch_kernel(EpxDispatchParams p) {
+  epx_wait_prior_grid(); /* PDL: the previous kernel's writes are visible from here */
+  epx_allow_dependents();
+  const EpxOpStart op = epx_op_start(p.ctx, p.invalid);
+  /* After a fatal failure peers are not waited on and nothing more is posted. */
+  if (op.fatal) return;
+  if (threadIdx.x == 0 && blockIdx.x == 0) epx_trace(p.ctx, EPX_OP_DISPATCH, EPX_TRACE_SEND_SLOT);
+  if ((int)blockIdx.x < p.ctx.send_blocks) epx_dispatch_send(p, op);
+  else epx_dispatch_copy_out(p, op);
+  epx_trace_block_done(p.ctx, EPX_OP_DISPATCH);
 }
 
-cudaError_t epx_cuda_launch_dispatch_send(const EpxDispatchSendParams *p, int blocks,
-                                          cudaStream_t stream) {
-  return epx_launch(epx_dispatch_send_kernel, p->ctx.pdl, blocks, EPX_CUDA_DATA_THREADS, 0, stream, *p);
-}
+cudaError_t epx_cuda_preload_dispatch(void) { return epx_preload(epx_dispatch_kernel); }
 
-cudaError_t epx_cuda_launch_dispatch_recv(const EpxDispatchRecvParams *p, int blocks,
-                                          cudaStream_t stream) {
-  return epx_launch(epx_dispatch_recv_kernel, p->ctx.pdl, blocks, EPX_CUDA_DATA_THREADS, 0, stream, *p);
+/* blocks >= 2: at least one send and one copy-out block (ctx.send_blocks < blocks). */
+cudaError_t epx_cuda_launch_dispatch(const EpxDispatchParams *p, int blocks, cudaStream_t stream) {
+  return epx_launch(epx_dispatch_kernel, p->ctx.pdl, blocks, EPX_CUDA_DATA_THREADS, 0, stream, *p);
 }
