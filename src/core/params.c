@@ -47,13 +47,18 @@ static const epxParamDef param_defs[EPX_PARAM_COUNT] = {
     [EPX_PARAM_CUDA_PDL] = {"EPX_CUDA_PDL", 1, 1, NULL,
                             "1: the CUDA op kernels are launched as programmatic dependents of "
                             "the kernel before them (hides launch gaps); 0: plain stream order"},
-    [EPX_PARAM_CUDA_CHUNK_TOKENS] = {"EPX_CUDA_CHUNK_TOKENS", 1, 512, NULL,
+    [EPX_PARAM_CUDA_CHUNK_TOKENS] = {"EPX_CUDA_CHUNK_TOKENS", 1, 0, NULL,
                                      "CUDA normal mode: source tokens per chunk; the consuming "
                                      "blocks (copy-out, reduce) start on a chunk once every peer "
-                                     "has sent it (at least 16; the same on every rank)"},
+                                     "has sent it (at least 16; the same on every rank; 0 = 512 "
+                                     "at 2 ranks, 256 above)"},
     [EPX_PARAM_CUDA_SEND_SHARE] = {"EPX_CUDA_SEND_SHARE", 1, 50, NULL,
                                    "CUDA normal mode: percent of the data blocks (config.num_sms) "
                                    "that send; the others consume (the same on every rank)"},
+    [EPX_PARAM_CUDA_BULK] = {"EPX_CUDA_BULK", 1, 2, NULL,
+                             "CUDA normal mode: the send warps move rows as bulk copies (TMA, "
+                             "through shared memory) when the rows are 16-byte aligned, in "
+                             "dispatch (bit 1) and combine (bit 2); otherwise register copies"},
 };
 
 static int64_t int_values[EPX_PARAM_COUNT];

@@ -52,6 +52,7 @@
 #define EPX_CUDA_HELLO_THREADS 1024
 /* Block size of the data kernels: 16 warps, one token or row per warp at a time. */
 #define EPX_CUDA_DATA_THREADS 512
+#define EPX_CUDA_DATA_WARPS (EPX_CUDA_DATA_THREADS / 32)
 /* Blocks of the data kernels when config.num_sms is 0. */
 #define EPX_CUDA_DEFAULT_BLOCKS 32
 /* 16-byte vectors each lane keeps in flight per round of a row copy. */
@@ -825,6 +826,7 @@ typedef struct EpxDispatchParams {
    * moves only the peers' rows. */
   long long capacity_rows;           /* rows the caller allocated: N_recv is checked against it */
   long long num_worst_tokens;
+  int bulk;                          /* payload rows as bulk copies (bulk_copy.cuh) */
   const int *rank_prefix_matrix;     /* handle */
   const int *handle_per_expert;      /* handle */
   int *handle_recv_src_idx;          /* handle */
@@ -851,6 +853,7 @@ typedef struct EpxCombineParams {
   const void *bias0, *bias1;
   void *combined_x;
   float *combined_topk_weights;
+  int bulk;                      /* send rows as bulk copies (bulk_copy.cuh) */
 } EpxCombineParams;
 
 typedef struct EpxLayoutParams {

@@ -17,9 +17,8 @@
  * once, exactly as the host reference does. The reduce of chunk c overlaps
  * the send of chunk c + 1.
  */
-#include "backends/cuda/cuda_common.cuh"
+#include "backends/cuda/bulk_copy.cuh"
 
-#define EPX_WARPS_PER_BLOCK (EPX_CUDA_DATA_THREADS / 32)
 /* BF16 values in one 16-byte vector. */
 #define EPX_BF16_PER_VEC 8
 
@@ -34,8 +33,10 @@ static __device__ __forceinline__ int epx_rows_lower_bound(const int *src_idx, i
   return lo;
 }
 
-/* One row to its source's slot, with its top-k weights. */
-static __device__ __forceinline__ void epx_combine_send_row(const EpxCombineParams &p, int row, int s) {
+/* One row to its source's slot, with its top-k weights; bw: the warp's
+ * bulk-copy state, or NULL for register copies. */
+static __device__ __forceinline__ void epx_combine_send_row(const EpxCombineParams &p, int row, int s,
+                                                            EpxBulkWarp *bw) {
   const EpxDevCtx &c = p.ctx;
   const EpxRegionLayout &L = c.lay;
   const int lane = threadIdx.x % 32;
@@ -43,7 +44,16 @@ static __device__ __forceinline__ void epx_combine_send_row(const EpxCombinePara
   const size_t slot = (size_t)p.recv_src_idx[row] * c.nranks + c.rank;
   const int4 *src = (const int4 *)((const char *)p.x + (size_t)row * p.hidden * 2);
   int4 *dst = (int4 *)(c.peers[s] + L.payload_off + slot * L.payload_stride);
-  for (int v0 = 0; v0 < nvec; v0 += 32 * EPX_CUDA_COPY_UNROLL) {
+  if (bw && lane == 0) {
+    const int bytes = p.hidden * 2;
+    for (int off = 0; off < bytes; off += EPX_BULK_PIECE_BYTES) {
+      const int n = min(EPX_BULK_PIECE_BYTES, bytes - off);
+      if (!epx_bulk_load(c, EPX_OP_COMBINE, *bw, (const char *)src + off, n)) break;
+      epx_bulk_store(*bw, (char *)dst + off, n);
+      epx_bulk_commit();
+    }
+  }
+  for (int v0 = 0; !bw && v0 < nvec; v0 += 32 * EPX_CUDA_COPY_UNROLL) {
     int4 buf[EPX_CUDA_COPY_UNROLL];
 #pragma unroll
     for (int u = 0; u < EPX_CUDA_COPY_UNROLL; ++u) {
@@ -81,8 +91,12 @@ static __device__ void epx_combine_send(const EpxCombineParams &p, const EpxOpSt
   }
   __syncthreads();
   const int chunks = s_chunks;
-  const int warps = c.send_blocks * EPX_WARPS_PER_BLOCK;
-  const int gwarp = blockIdx.x * EPX_WARPS_PER_BLOCK + threadIdx.x / 32;
+  const int warps = c.send_blocks * EPX_CUDA_DATA_WARPS;
+  const int gwarp = blockIdx.x * EPX_CUDA_DATA_WARPS + threadIdx.x / 32;
+  extern __shared__ __align__(128) char s_bulk[];
+  __shared__ unsigned long long s_bars[EPX_CUDA_DATA_WARPS];
+  EpxBulkWarp bw;
+  if (p.bulk) bw = epx_bulk_warp_init(s_bars, s_bulk);
   for (int ch = 0; ch < chunks; ++ch) {
     if ((int)threadIdx.x < R) {
       const int s = threadIdx.x;
@@ -95,8 +109,9 @@ static __device__ void epx_combine_send(const EpxCombineParams &p, const EpxOpSt
     const int items = (R - 1) * most;
     for (int i = gwarp; i < items; i += warps) {
       const int s = (me + 1 + i % (R - 1)) % R, k = i / (R - 1);
-      if (k < s_hi[s] - s_lo[s]) epx_combine_send_row(p, s_lo[s] + k, s);
+      if (k < s_hi[s] - s_lo[s]) epx_combine_send_row(p, s_lo[s] + k, s, p.bulk ? &bw : NULL);
     }
+    if (p.bulk && threadIdx.x % 32 == 0) epx_bulk_drain();
     epx_post_progress(c, epx_progress_value(op.epoch, ch + 1 == chunks ? EPX_PROGRESS_ALL : ch + 1));
     __syncthreads();
     if ((int)threadIdx.x < R) s_lo[threadIdx.x] = s_hi[threadIdx.x];
@@ -272,8 +287,8 @@ static __device__ void epx_combine_reduce(const EpxCombineParams &p, const EpxOp
     return;
   }
   const int R = c.nranks, lane = threadIdx.x % 32, Tc = c.lay.chunk_tokens;
-  const int warps = (gridDim.x - c.send_blocks) * EPX_WARPS_PER_BLOCK;
-  const int gwarp = rb * EPX_WARPS_PER_BLOCK + threadIdx.x / 32;
+  const int warps = (gridDim.x - c.send_blocks) * EPX_CUDA_DATA_WARPS;
+  const int gwarp = rb * EPX_CUDA_DATA_WARPS + threadIdx.x / 32;
   const int chunks = (p.num_tokens + Tc - 1) / Tc;
   for (int ch = 0; ch < chunks; ++ch) {
     /* The slots were written by every peer before its progress release; this
@@ -306,9 +321,15 @@ __global__ void __launch_bounds__(EPX_CUDA_DATA_THREADS) epx_combine_kernel(EpxC
   epx_trace_block_done(p.ctx, EPX_OP_COMBINE);
 }
 
-cudaError_t epx_cuda_preload_combine(void) { return epx_preload(epx_combine_kernel); }
+cudaError_t epx_cuda_preload_combine(void) {
+  cudaError_t e = epx_preload(epx_combine_kernel);
+  return e != cudaSuccess ? e
+                          : cudaFuncSetAttribute(epx_combine_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 (int)EPX_BULK_SMEM_BYTES);
+}
 
 /* blocks >= 2: at least one send and one reduce block (ctx.send_blocks < blocks). */
 cudaError_t epx_cuda_launch_combine(const EpxCombineParams *p, int blocks, cudaStream_t stream) {
-  return epx_launch(epx_combine_kernel, p->ctx.pdl, blocks, EPX_CUDA_DATA_THREADS, 0, stream, *p);
+  return epx_launch(epx_combine_kernel, p->ctx.pdl, blocks, EPX_CUDA_DATA_THREADS,
+                    p->bulk ? EPX_BULK_SMEM_BYTES : 0, stream, *p);
 }

@@ -17,9 +17,8 @@
  * (HBM to HBM) while later chunks are still in flight; padding rows are
  * marked in worst-case mode.
  */
-#include "backends/cuda/cuda_common.cuh"
+#include "backends/cuda/bulk_copy.cuh"
 
-#define EPX_WARPS_PER_BLOCK (EPX_CUDA_DATA_THREADS / 32)
 /* Copy-out (HBM to HBM): more vectors per lane in flight than the NVLink send. */
 #define EPX_RECV_UNROLL 8
 
@@ -49,7 +48,9 @@ static __device__ __forceinline__ int4 *epx_dispatch_dst(const EpxDispatchParams
   return (int4 *)(c.peers[r] + c.lay.payload_off + (size_t)row * c.lay.payload_stride);
 }
 
-static __device__ void epx_dispatch_send_token(const EpxDispatchParams &p, int t, bool direct) {
+/* bw: the warp's bulk-copy state, or NULL for register copies. */
+static __device__ void epx_dispatch_send_token(const EpxDispatchParams &p, int t, bool direct,
+                                               EpxBulkWarp *bw) {
   const EpxDevCtx &c = p.ctx;
   const EpxRegionLayout &L = c.lay;
   const int R = c.nranks, lane = threadIdx.x % 32;
@@ -60,9 +61,21 @@ static __device__ void epx_dispatch_send_token(const EpxDispatchParams &p, int t
   unsigned mask_hi = __ballot_sync(0xffffffffu, row_hi >= 0);
   if (!(mask_lo | mask_hi)) return;
 
-  /* Payload: read each round of vectors once, store it to every destination. */
+  /* Payload: read each round of vectors (or each bulk piece) once, store it
+   * to every destination. */
   const int4 *src = (const int4 *)((const char *)p.x + (size_t)t * p.payload_bytes);
-  const int nvec = p.payload_bytes / 16;
+  const int nvec = bw ? 0 : p.payload_bytes / 16;
+  if (bw && lane == 0) {
+    for (int off = 0; off < p.payload_bytes; off += EPX_BULK_PIECE_BYTES) {
+      const int n = min(EPX_BULK_PIECE_BYTES, p.payload_bytes - off);
+      if (!epx_bulk_load(c, EPX_OP_DISPATCH, *bw, (const char *)src + off, n)) break;
+      for (int r = 0; r < R; ++r) {
+        const bool to_r = r < 32 ? (mask_lo >> r) & 1u : (mask_hi >> (r - 32)) & 1u;
+        if (to_r) epx_bulk_store(*bw, (char *)epx_dispatch_dst(p, r, rows[r], direct) + off, n);
+      }
+      epx_bulk_commit();
+    }
+  }
   for (int v0 = 0; v0 < nvec; v0 += 32 * EPX_CUDA_COPY_UNROLL) {
     int4 buf[EPX_CUDA_COPY_UNROLL];
 #pragma unroll
@@ -145,11 +158,17 @@ static __device__ void epx_dispatch_send(const EpxDispatchParams &p, const EpxOp
       !op.skip && p.rank_prefix_matrix[(R - 1) * R + me] <= p.capacity_rows;
   if (blockIdx.x == 0 && !op.skip && (int)threadIdx.x < R)
     s_rows[threadIdx.x] = me > 0 ? p.rank_prefix_matrix[(me - 1) * R + threadIdx.x] : 0;
-  const int warps = c.send_blocks * EPX_WARPS_PER_BLOCK;
-  const int gwarp = blockIdx.x * EPX_WARPS_PER_BLOCK + threadIdx.x / 32;
+  const int warps = c.send_blocks * EPX_CUDA_DATA_WARPS;
+  const int gwarp = blockIdx.x * EPX_CUDA_DATA_WARPS + threadIdx.x / 32;
+  extern __shared__ __align__(128) char s_bulk[];
+  __shared__ unsigned long long s_bars[EPX_CUDA_DATA_WARPS];
+  EpxBulkWarp bw;
+  if (p.bulk) bw = epx_bulk_warp_init(s_bars, s_bulk);
   for (int ch = 0; ch < chunks; ++ch) {
     const int end = min(p.num_tokens, (ch + 1) * Tc);
-    for (int t = ch * Tc + gwarp; t < end; t += warps) epx_dispatch_send_token(p, t, direct);
+    for (int t = ch * Tc + gwarp; t < end; t += warps)
+      epx_dispatch_send_token(p, t, direct, p.bulk ? &bw : NULL);
+    if (p.bulk && threadIdx.x % 32 == 0) epx_bulk_drain();
     if (blockIdx.x == 0) {
       /* Rows of this chunk per destination: the bound follows in token order. */
       __syncthreads();
@@ -234,8 +253,8 @@ static __device__ void epx_dispatch_copy_out(const EpxDispatchParams &p, const E
     (void)epx_wait_progress(c, ~0ull, all_sent, EPX_OP_DISPATCH, p.seq);
     return;
   }
-  const int warps = (gridDim.x - c.send_blocks) * EPX_WARPS_PER_BLOCK;
-  const int gwarp = cb * EPX_WARPS_PER_BLOCK + threadIdx.x / 32;
+  const int warps = (gridDim.x - c.send_blocks) * EPX_CUDA_DATA_WARPS;
+  const int gwarp = cb * EPX_CUDA_DATA_WARPS + threadIdx.x / 32;
   /* Rows of source s: [s_done[s], s_end[s]) still to copy; my own rows were
    * written into the outputs by the send blocks. */
   __shared__ int s_done[EPX_CUDA_MAX_RANKS], s_end[EPX_CUDA_MAX_RANKS], s_new[EPX_CUDA_MAX_RANKS];
@@ -311,9 +330,15 @@ __global__ void __launch_bounds__(EPX_CUDA_DATA_THREADS) epx_dispatch_kernel(Epx
   epx_trace_block_done(p.ctx, EPX_OP_DISPATCH);
 }
 
-cudaError_t epx_cuda_preload_dispatch(void) { return epx_preload(epx_dispatch_kernel); }
+cudaError_t epx_cuda_preload_dispatch(void) {
+  cudaError_t e = epx_preload(epx_dispatch_kernel);
+  return e != cudaSuccess ? e
+                          : cudaFuncSetAttribute(epx_dispatch_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 (int)EPX_BULK_SMEM_BYTES);
+}
 
 /* blocks >= 2: at least one send and one copy-out block (ctx.send_blocks < blocks). */
 cudaError_t epx_cuda_launch_dispatch(const EpxDispatchParams *p, int blocks, cudaStream_t stream) {
-  return epx_launch(epx_dispatch_kernel, p->ctx.pdl, blocks, EPX_CUDA_DATA_THREADS, 0, stream, *p);
+  return epx_launch(epx_dispatch_kernel, p->ctx.pdl, blocks, EPX_CUDA_DATA_THREADS,
+                    p->bulk ? EPX_BULK_SMEM_BYTES : 0, stream, *p);
 }
