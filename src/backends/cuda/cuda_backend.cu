@@ -268,6 +268,29 @@ static const char *op_name(int op) {
   return op == EPX_OP_NONE ? "epxGetDispatchLayout" : epx_op_name((epxOp_t)op);
 }
 
+/* "expected ..., seen ..." of a failed wait. Data-arrival waits compare
+ * progress words, epoch << 24 | chunks sent (cuda_common.cuh, chunk progress):
+ * they are shown as epoch and chunk. */
+static void describe_wait(char *buf, size_t n, int phase, long long expected, long long seen) {
+  if (phase != EPX_PHASE_ARRIVAL) {
+    snprintf(buf, n, "expected epoch %lld, seen %lld", expected, seen);
+    return;
+  }
+  const char *what[2] = {"expected", "seen"};
+  const long long v[2] = {expected, seen};
+  size_t used = 0;
+  for (int i = 0; i < 2 && used < n; ++i) {
+    long long chunks = v[i] & (long long)EPX_PROGRESS_ALL;
+    char c[32];
+    if (chunks == (long long)EPX_PROGRESS_ALL) snprintf(c, sizeof c, "all chunks");
+    else snprintf(c, sizeof c, "%lld chunk%s", chunks, chunks == 1 ? "" : "s");
+    int k = snprintf(buf + used, n - used, "%s%s epoch %lld with %s sent", i ? ", " : "", what[i],
+                     (long long)((unsigned long long)v[i] >> 24), c);
+    if (k < 0) break;
+    used += (size_t)k;
+  }
+}
+
 /* Turns the host-mapped record into a result and message; clears non-fatal ones. */
 static epxResult_t report_record(epxComm_t comm, const char *when) {
   EpxCudaComm *cc = cc_of(comm);
@@ -279,27 +302,24 @@ static epxResult_t report_record(epxComm_t comm, const char *when) {
   unsigned long long seq = r->seq;
   int peer = r->peer;
   long long expected = r->expected, seen = r->seen;
+  char waited[128];
+  describe_wait(waited, sizeof waited, r->phase, expected, seen);
   if (code == epxTimeout)
     epx_error(comm, epxTimeout,
-              "%s%s (call %llu) timed out after %lld ms in phase '%s' waiting for rank %d: "
-              "expected epoch %lld, seen %lld",
+              "%s%s (call %llu) timed out after %lld ms in phase '%s' waiting for rank %d: %s",
               when, op, seq, (long long)(comm->timeout_ns / 1000000), phase_name(r->phase), peer,
-              expected, seen);
+              waited);
   else if (code == epxAborted)
-    epx_error(comm, epxAborted,
-              "%s%s (call %llu) aborted in phase '%s' while waiting for rank %d (epoch expected "
-              "%lld, seen %lld)",
-              when, op, seq, phase_name(r->phase), peer, expected, seen);
+    epx_error(comm, epxAborted, "%s%s (call %llu) aborted in phase '%s' while waiting for rank %d (%s)",
+              when, op, seq, phase_name(r->phase), peer, waited);
   else if (code == epxPeerFailed) {
     char why[192];
     unsigned int w = r->why;
     int pid = cc->pids && peer >= 0 && peer < comm->nranks ? cc->pids[peer] : -1;
     epx_describe_dead(why, sizeof why, peer, pid, epx_live_why(w), epx_live_fail_peer(w),
                       epx_live_fail_code(w));
-    epx_error(comm, epxPeerFailed,
-              "%s%s (call %llu) failed in phase '%s': %s (waiting for rank %d: expected epoch "
-              "%lld, seen %lld)",
-              when, op, seq, phase_name(r->phase), why, peer, expected, seen);
+    epx_error(comm, epxPeerFailed, "%s%s (call %llu) failed in phase '%s': %s (waiting for rank %d: %s)",
+              when, op, seq, phase_name(r->phase), why, peer, waited);
   }
   else if (r->field == EPX_FIELD_CAPACITY)
     epx_error(comm, (epxResult_t)code,
