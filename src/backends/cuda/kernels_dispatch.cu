@@ -291,7 +291,10 @@ static __device__ void epx_dispatch_copy_out(const EpxDispatchParams &p, const E
     for (int s = 0; s < R; ++s) total += s_new[s] - s_done[s];
     for (int i = gwarp; i < total; i += warps) {
       int s = 0, k = i;
-      while (k >= s_new[s] - s_done[s]) k -= s_new[s] - s_done[s++];
+      while (k >= s_new[s] - s_done[s]) {
+        k -= s_new[s] - s_done[s];
+        ++s;
+      }
       epx_dispatch_recv_row(p, s_done[s] + k);
     }
     __syncthreads();
