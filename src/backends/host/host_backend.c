@@ -276,6 +276,7 @@ static epxResult_t host_init(epxComm_t comm, struct epxBootstrap *boot) {
        * barrier below orders them before any peer's read. */
       atomic_store_explicit(&c->arrive, 0, memory_order_relaxed);
       atomic_store_explicit(&c->dead, EPX_HOST_ALIVE, memory_order_relaxed);
+      atomic_store_explicit(&c->dead_claim, 0u, memory_order_relaxed);
     }
   }
   res = init_agree(comm, boot, res, hc->chunk, "creating the shared-memory segments");

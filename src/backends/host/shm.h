@@ -59,6 +59,10 @@ typedef struct hostCtrl {
    * Written before `dead` is released, read after it is acquired. */
   int32_t fail_peer;
   int32_t fail_code;
+  /* Owner-process only: the thread that sets 0 -> 1 writes the two fields
+   * above and then `dead` (an abort from another thread may race with a
+   * failing wait; the first reason stays). */
+  _Atomic uint32_t dead_claim;
 } hostCtrl;
 
 /* A call header as published in a header slot; count arrays follow it. */

@@ -52,13 +52,17 @@ uint64_t epx_host_arrive(hostComm *hc) {
 void epx_host_mark_dead(hostComm *hc, uint32_t why, int fail_peer, epxResult_t fail_code) {
   hostCtrl *c = hc->peers[hc->rank].ctrl;
   if (atomic_load_explicit(&c->dead, memory_order_relaxed) != EPX_HOST_ALIVE) return;
+  /* Threads of this process (an abort, a failing wait) may get here at once:
+   * only the one that claims the word writes the fields (TSan saw two). */
+  uint32_t unclaimed = 0;
+  if (!atomic_compare_exchange_strong_explicit(&c->dead_claim, &unclaimed, 1u, memory_order_acq_rel,
+                                               memory_order_relaxed))
+    return;
   c->fail_peer = fail_peer;
   c->fail_code = (int32_t)fail_code;
-  uint32_t expected = EPX_HOST_ALIVE;
   /* Release pairs with the acquire load of `dead` in the peers' waits, which
    * then read fail_peer / fail_code. */
-  atomic_compare_exchange_strong_explicit(&c->dead, &expected, why, memory_order_release,
-                                          memory_order_relaxed);
+  atomic_store_explicit(&c->dead, why, memory_order_release);
 }
 
 /* 0 when the peer's process has certainly exited (or its pid was reused). */
