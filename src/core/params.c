@@ -59,6 +59,11 @@ static const epxParamDef param_defs[EPX_PARAM_COUNT] = {
                              "CUDA normal mode: the send warps move rows as bulk copies (TMA, "
                              "through shared memory) when the rows are 16-byte aligned, in "
                              "dispatch (bit 1) and combine (bit 2); otherwise register copies"},
+    [EPX_PARAM_CUDA_LL_PIECES] = {"EPX_CUDA_LL_PIECES", 1, 1, NULL,
+                                  "CUDA low-latency combine: each expert row travels in this many "
+                                  "pieces (1-4), each with its own flag, so the source may reduce "
+                                  "a piece before the rest of the row is in (the same on every "
+                                  "rank)"},
 };
 
 static int64_t int_values[EPX_PARAM_COUNT];

@@ -63,6 +63,7 @@ typedef struct EpxCudaComm {
   int blocks;               /* blocks of the data kernels (>= 2) */
   int send_blocks;          /* of those, the send blocks (EPX_CUDA_SEND_SHARE) */
   int chunk_tokens;         /* EPX_CUDA_CHUNK_TOKENS: source tokens per progress chunk */
+  int ll_pieces;            /* EPX_CUDA_LL_PIECES: flagged pieces of an LL combine row */
   int bulk;                 /* EPX_CUDA_BULK: bulk copies where aligned (1 dispatch, 2 combine) */
   int trace;      /* EPX_CUDA_TRACE: LL phase times, printed at destroy */
   int pdl;        /* EPX_CUDA_PDL: op kernels launched as programmatic dependents */
@@ -111,6 +112,7 @@ typedef struct EpxCudaPeerInfo {
   unsigned long long start_time; /* /proc start time of the process (0: unknown) */
   int live_segment;              /* rank 0: the liveness segment exists */
   int blocks, send_blocks, chunk_tokens; /* must agree: peers wait on each other's blocks */
+  int ll_pieces;                         /* must agree: receivers wait per piece */
 } EpxCudaPeerInfo;
 
 static EpxCudaComm *cc_of(epxComm_t comm) { return (EpxCudaComm *)comm->backend; }
@@ -149,6 +151,7 @@ static EpxDevCtx make_ctx(epxComm_t comm) {
   c.ll_peers = cc->ll_peers_dev;
   c.ll = cc->ll_lay;
   c.ll_max_tokens = comm->config.ll_max_tokens_per_rank;
+  c.ll_pieces = cc->ll_pieces;
   c.live = cc->live_dev;
   c.trace = cc->trace;
   c.pdl = cc->pdl;
@@ -244,7 +247,8 @@ static const char *phase_name(int phase) {
     case EPX_PHASE_ARRIVAL: return "data arrival";
     case EPX_PHASE_CHECK: return "call check";
     case EPX_PHASE_LL_SLOT: return "low-latency buffer slot reuse (peer's previous receive)";
-    case EPX_PHASE_LL_SIGNAL: return "low-latency messages";
+    case EPX_PHASE_LL_SIGNAL: return "low-latency headers";
+    case EPX_PHASE_LL_MESSAGE: return "low-latency message";
     default: return "unknown phase";
   }
 }
@@ -272,6 +276,11 @@ static const char *op_name(int op) {
  * progress words, epoch << 24 | chunks sent (cuda_common.cuh, chunk progress):
  * they are shown as epoch and chunk. */
 static void describe_wait(char *buf, size_t n, int phase, long long expected, long long seen) {
+  if (phase == EPX_PHASE_LL_MESSAGE) { /* flags: 2 x op, + 1 when a message was sent */
+    snprintf(buf, n, "expected the flag of op %lld, seen op %lld's (%s)", expected / 2, seen / 2,
+             seen & 1 ? "message sent" : "nothing sent");
+    return;
+  }
   if (phase != EPX_PHASE_ARRIVAL) {
     snprintf(buf, n, "expected epoch %lld, seen %lld", expected, seen);
     return;
@@ -588,6 +597,12 @@ static epxResult_t cuda_init(epxComm_t comm, struct epxBootstrap *boot) {
       if (cc->send_blocks > cc->blocks - 1) cc->send_blocks = cc->blocks - 1;
     }
     cc->chunk_tokens = chunk_tokens_param(R);
+    cc->ll_pieces = (int)epx_param_int(EPX_PARAM_CUDA_LL_PIECES);
+    if (cc->ll_pieces < 1 || cc->ll_pieces > EPX_LL_COMBINE_PIECES) {
+      EPX_WARN(me, "EPX_CUDA_LL_PIECES=%d is not in [1, %d]: using 1", cc->ll_pieces,
+               EPX_LL_COMBINE_PIECES);
+      cc->ll_pieces = 1;
+    }
     cc->bulk = (int)epx_param_int(EPX_PARAM_CUDA_BULK);
     /* LL kernels are latency-bound: spread them over every SM. */
     cc->ll_blocks = prop.multiProcessorCount;
@@ -685,6 +700,7 @@ static epxResult_t cuda_init(epxComm_t comm, struct epxBootstrap *boot) {
     mine.blocks = cc->blocks;
     mine.send_blocks = cc->send_blocks;
     mine.chunk_tokens = cc->chunk_tokens;
+    mine.ll_pieces = cc->ll_pieces;
     if (me == 0 && cc->live) {
       size_t b = 0, o = 0;
       mine.live_segment = epx_live_seg_mapping(cc->live, &b, &o) != NULL;
@@ -730,6 +746,13 @@ static epxResult_t cuda_init(epxComm_t comm, struct epxBootstrap *boot) {
                         "EPX_CUDA_CHUNK_TOKENS alike on every rank",
                         r, all[r].blocks, all[r].send_blocks, all[r].chunk_tokens, mine.blocks,
                         mine.send_blocks, mine.chunk_tokens);
+        goto fail;
+      }
+      if (all[r].ll_pieces != mine.ll_pieces) {
+        res = epx_error(comm, epxMismatch,
+                        "rank %d sends low-latency combine rows in %d pieces, this rank in %d: "
+                        "set EPX_CUDA_LL_PIECES alike on every rank",
+                        r, all[r].ll_pieces, mine.ll_pieces);
         goto fail;
       }
       if (r == me) {
@@ -821,8 +844,8 @@ static void print_trace(epxComm_t comm) {
   static const char *const kind_names[EPX_TRACE_KINDS] = {"LL dispatch", "LL combine",
                                                           "dispatch", "combine"};
   static const char *const ll_points[EPX_TRACE_POINTS] = {
-      "prep", "slot free", "headers", "block 0 sent", "block N sent", "signals posted",
-      "recv start", "| from recv start: signals in", "block 0 placed", "acks posted"};
+      "prep", "slot free", "headers posted", "block 0 sent", "block N sent", "last block sent",
+      "recv start", "| from recv start: headers in", "block 0 placed", "acks posted"};
   static const char *const normal_points[EPX_TRACE_POINTS] = {
       "hello done", "data start", NULL, "send block 0 done", "send block N done",
       "last send block done", "consume start", "| from consume start: first chunk in",
@@ -1232,7 +1255,8 @@ static epxResult_t cuda_ll_dispatch(epxComm_t comm, const epxCall_t *call,
     sp.round_scale = a->round_scale != 0;
     sp.ue8m0 = a->use_ue8m0 != 0;
     sp.handle_epoch = hh->ll_epoch;
-    send_blocks = a->num_tokens < 1 ? 1 : a->num_tokens < cc->ll_blocks ? a->num_tokens : cc->ll_blocks;
+    /* block 0 writes the headers, one more block per token up to the SMs */
+    send_blocks = a->num_tokens + 1 < cc->ll_blocks ? a->num_tokens + 1 : cc->ll_blocks;
     rp.epoch_src = hh->ll_epoch;
     rp.hidden = a->hidden;
     rp.num_topk = a->num_topk;

@@ -88,7 +88,8 @@ enum {
   EPX_PHASE_ARRIVAL = 2, /* waiting for a peer's data to arrive */
   EPX_PHASE_CHECK = 3,   /* the headers of this call disagree */
   EPX_PHASE_LL_SLOT = 4, /* low latency: waiting for a peer to free the buffer slot */
-  EPX_PHASE_LL_SIGNAL = 5 /* low latency: waiting for a peer's messages */
+  EPX_PHASE_LL_SIGNAL = 5, /* low latency: waiting for a peer's headers */
+  EPX_PHASE_LL_MESSAGE = 6 /* low latency: waiting for one message's flag (2 x op + 1 when sent) */
 };
 
 /* Fields compared in the hello (named in mismatch messages). */
@@ -194,13 +195,24 @@ typedef struct EpxErrRecord {
  * by dispatch and combine, so a replayed graph advances it too):
  *   send:    every block waits until each destination r has acknowledged op
  *            e - 2 (ack[r] >= e - 2 in my region): r has finished reading slot
- *            e % 2, so it may be overwritten. It then writes a header and the
- *            messages into slot e % 2 of every destination, and the last block
- *            release-stores sig[me] = e in every destination (one signal per
- *            source, no grid barrier across ranks).
- *   receive: every block acquires sig[s] >= e of every source s, checks the
- *            headers, moves the messages into the caller's outputs, and the
- *            last block release-stores ack[me] = e in every source.
+ *            e % 2, so it may be overwritten. Block 0 writes the headers into
+ *            slot e % 2 of every destination and release-stores sig[me] = e
+ *            there at once (before any message). Every message is followed
+ *            by its own release-stored flag (below), so a receiver takes each
+ *            message as soon as it lands: no grid barrier on either side.
+ *   receive: every block acquires sig[s] >= e of every source s (the headers:
+ *            counts and checks), then each warp acquires the flags of the
+ *            messages it moves into the caller's outputs; the last block
+ *            release-stores ack[me] = e in every source.
+ * Flags (slot.flags, u64): the value 2e + 1 says "op e's message is here",
+ * 2e "op e sends nothing here"; a wait is for >= 2e. Values only grow (both
+ * op kinds share the encoding and the epoch), so stale flags of op e - 2 in
+ * the same slot never pass. Dispatch: flag [source][token], written for every
+ * token to every destination (2e + 1 where the token goes, 2e elsewhere).
+ * Combine: flag [token][k][piece]: the rows travel in EPX_CUDA_LL_PIECES
+ * pieces (default 1: a flag costs the sending warp a system fence, which
+ * stalls it until its earlier writes are acknowledged), each flagged, so the
+ * source reduces a piece as soon as it is in.
  * Dispatch messages: one per (token, destination rank), at [source][token]
  * of the destination's slot: payload (BF16, or FP8 cast in the send kernel)
  * | scales | meta (the token's K expert ids and, per id, the token's position
@@ -212,13 +224,13 @@ typedef struct EpxErrRecord {
  * Combine messages: one per (token, top-k slot) naming an expert of the
  * sender, at [token][k] of the token's source, so the source sums them in k
  * order (the contract's FP32 order cannot be split by rank and stay exact).
- *
  * Memory per rank (T = ll_max_tokens_per_rank = 128, H = 7168, max_topk = 8,
  * E = 256): a slot is max(R * T * (2H + H/32 + 8K, each 16-aligned),
  * T * K * 2H) + headers; two slots:
  *   EP4: 2 * max(4 * 128 * 14624, 128 * 8 * 14336) = 2 * 14.7 MB ~ 29.4 MB
  *   EP8: 2 * max(8 * 128 * 14624, 14.7 MB)         = 2 * 15.0 MB ~ 30.0 MB
- * plus, per handle, 12 bytes per receive row (E_local * R * T rows = E * T =
+ * plus the flags (max(R * T, T * K * EPX_LL_COMBINE_PIECES) u64: 32 KB) and,
+ * per handle, 12 bytes per receive row (E_local * R * T rows = E * T =
  * 32768: 384 KB), and the optional zero-copy combine buffer
  * (E_local * R * T * H * 2 = 470 MB, the size of the caller's own recv_x). */
 typedef struct EpxLLHeader {
@@ -232,11 +244,17 @@ typedef struct EpxLLHeader {
   /* int counts[E_local] follow (dispatch: the source's tokens per expert of the destination) */
 } EpxLLHeader;
 
+/* Most pieces of a combine row, each with its own flag (EPX_CUDA_LL_PIECES
+ * picks 1..this; a piece is a multiple of 32 vectors, so a receiving warp's
+ * 32-vector chunk lies in one piece). The flag space is sized for the most. */
+#define EPX_LL_COMBINE_PIECES 4
+
 typedef struct EpxLLLayout {
   size_t sig_off;        /* [R] u64: sig[s] = last op whose messages from s are complete */
   size_t ack_off;        /* [R] u64: ack[r] = last op r finished reading (in my slots) */
   size_t slot_off, slot_stride; /* 2 slots */
   size_t hdr_stride;     /* per source: EpxLLHeader + counts[E_local] */
+  size_t flags_off;      /* inside a slot: per-message flags (u64, see above) */
   size_t body_off;       /* inside a slot */
   size_t msg_stride;     /* dispatch message */
   size_t msg_scales_off, msg_meta_off;
@@ -253,7 +271,12 @@ static inline __host__ __device__ EpxLLLayout epx_cuda_ll_layout(int nranks, int
   l.ack_off = epx_cuda_align(sizeof(unsigned long long) * R, 128);
   l.slot_off = epx_cuda_align(l.ack_off + sizeof(unsigned long long) * R, 256);
   l.hdr_stride = epx_cuda_align(sizeof(EpxLLHeader) + sizeof(int) * (size_t)num_local_experts, 64);
-  l.body_off = epx_cuda_align(l.hdr_stride * R, 256);
+  l.flags_off = epx_cuda_align(l.hdr_stride * R, 256);
+  size_t dispatch_flags = R * T, combine_flags = T * K * EPX_LL_COMBINE_PIECES;
+  l.body_off = epx_cuda_align(
+      l.flags_off + sizeof(unsigned long long) *
+                        (dispatch_flags > combine_flags ? dispatch_flags : combine_flags),
+      256);
   size_t payload = epx_cuda_align(epx_payload_row_bytes(hidden, 0), EPX_ROW_ALIGN_BYTES);
   size_t scales = epx_cuda_align(epx_scale_row_bytes(hidden, 1) > epx_scale_row_bytes(hidden, 2)
                                      ? epx_scale_row_bytes(hidden, 1)
@@ -302,7 +325,7 @@ enum {
   EPX_TRACE_SEND_HEADER,    /* send, block 0: headers written */
   EPX_TRACE_SEND_BLOCK0,    /* send, block 0: its messages written */
   EPX_TRACE_SEND_BLOCKN,    /* send, the last-indexed block: its messages written */
-  EPX_TRACE_SEND_SIGNALS,   /* send, last block to finish: signals posted */
+  EPX_TRACE_SEND_SIGNALS,   /* send, last block to finish: every message and flag written */
   EPX_TRACE_RECV_START,     /* receive, block 0: kernel started (includes any host gap of a hook) */
   /* from the start of the receive kernel (block 0) */
   EPX_TRACE_RECV_SIGNALS,   /* receive, block 0: every source's signal acquired */
@@ -326,7 +349,7 @@ typedef struct EpxCudaState {
   int err_claim;            /* first error of an op wins the record */
   /* low-latency mode (ll_*.cu) */
   unsigned long long ll_epoch; /* low-latency ops begun (dispatch and combine share it) */
-  unsigned int ll_send_done;   /* last-block counter of the LL send kernels */
+  unsigned int ll_send_done;   /* LL send kernels: blocks done with the op number (epx_ll_advance_epoch) */
   unsigned int ll_recv_done;   /* last-block counter of the LL receive kernels */
   unsigned int layout_done;    /* last-block counter of the layout kernel */
   unsigned int trace_done[2];  /* EPX_CUDA_TRACE: send / consume blocks of a normal op finished */
@@ -352,6 +375,7 @@ typedef struct EpxDevCtx {
   char *const *ll_peers;
   EpxLLLayout ll;
   int ll_max_tokens;
+  int ll_pieces; /* EPX_CUDA_LL_PIECES: flagged pieces of a combine row (1..EPX_LL_COMBINE_PIECES) */
   int trace; /* EPX_CUDA_TRACE */
   int pdl;   /* EPX_CUDA_PDL: launch the op kernels as programmatic dependents */
   /* Normal-mode data kernels: blocks [0, send_blocks) send, the others
@@ -652,17 +676,23 @@ static __device__ __forceinline__ int epx_ll_fatal(const EpxDevCtx &c) {
  * pairs with r's release in epx_ll_post_acks, so r's reads of the slot are
  * ordered before our writes into it. Returns 1 for the whole block when all
  * destinations freed the slot. */
+/* Thread r < R: an early acquire of ack[r] (my region), issued at the start
+ * of a send kernel so that its latency overlaps the block's preparation. */
+static __device__ __forceinline__ unsigned long long epx_ll_peek_ack(const EpxDevCtx &c) {
+  if ((int)threadIdx.x >= c.nranks) return 0;
+  return epx_ld_acquire_sys(epx_ll_ack(c, c.ll_peers[c.rank], threadIdx.x));
+}
+
+/* `peeked`: thread r's epx_ll_peek_ack; the wait runs only when it was not
+ * enough yet (the acquire of the peek already ordered r's reads otherwise). */
 static __device__ int epx_ll_wait_slot_free(const EpxDevCtx &c, unsigned long long epoch, int op,
-                                            unsigned long long seq) {
-  __shared__ int s_ok;
-  if (threadIdx.x == 0) s_ok = 1;
-  __syncthreads();
-  if (epoch > 2 && (int)threadIdx.x < c.nranks) {
+                                            unsigned long long seq, unsigned long long peeked) {
+  int ok = 1;
+  if (epoch > 2 && (int)threadIdx.x < c.nranks && peeked < epoch - 2) {
     const unsigned long long *ack = epx_ll_ack(c, c.ll_peers[c.rank], threadIdx.x);
-    if (!epx_wait_epoch(c, ack, epoch - 2, op, EPX_PHASE_LL_SLOT, threadIdx.x, seq)) s_ok = 0;
+    ok = epx_wait_epoch(c, ack, epoch - 2, op, EPX_PHASE_LL_SLOT, threadIdx.x, seq);
   }
-  __syncthreads();
-  return s_ok;
+  return __syncthreads_and(ok);
 }
 
 /* Last-block pattern shared by the LL kernels: each block orders its global
@@ -683,17 +713,81 @@ static __device__ int epx_ll_last_block(unsigned int *counter) {
   return s_last;
 }
 
-/* End of an LL send kernel: once every block's messages are written, the last
- * block's thread r release-stores sig[me] = epoch in destination r. Pairs with
- * the acquire in epx_ll_wait_signals on r. */
-static __device__ void epx_ll_post_signals(const EpxDevCtx &c, unsigned long long epoch, int op) {
-  if (!epx_ll_last_block(&c.state->ll_send_done)) return;
-  if (threadIdx.x == 0) c.state->ll_epoch = epoch; /* the next LL kernel reads it (stream order) */
-  if (threadIdx.x == 32) epx_trace(c, op, EPX_TRACE_SEND_SIGNALS); /* after the fence of the last block */
-  if ((int)threadIdx.x < c.nranks) {
-    __threadfence_system();
+/* The op number of an LL send kernel: every block reads e = ll_epoch + 1
+ * first thing (epx_ll_read_epoch, thread 0), and at its end counts itself
+ * (epx_ll_advance_epoch, thread 0; the fence orders the block's read before
+ * its increment); the last block to count stores e back, for the next LL
+ * kernel in stream order. Every block of the grid has read ll_epoch by then,
+ * so the store cannot be seen early; counting at the end keeps the atomic off
+ * the path to the first message. */
+static __device__ __forceinline__ unsigned long long epx_ll_read_epoch(const EpxDevCtx &c) {
+  return c.state->ll_epoch + 1;
+}
+static __device__ void epx_ll_advance_epoch(const EpxDevCtx &c, unsigned long long epoch) {
+  if (threadIdx.x != 0) return;
+  __threadfence();
+  if (atomicAdd(&c.state->ll_send_done, 1u) != gridDim.x - 1) return;
+  c.state->ll_send_done = 0;
+  c.state->ll_epoch = epoch;
+}
+
+/* After the headers of op e are written (by the whole block): thread r
+ * release-stores sig[me] = e in destination r. The barrier and the release
+ * order every thread's header writes before it. Pairs with the acquire in
+ * epx_ll_wait_signals on r. */
+static __device__ void epx_ll_post_headers(const EpxDevCtx &c, unsigned long long epoch) {
+  __syncthreads();
+  if ((int)threadIdx.x < c.nranks)
     epx_st_release_sys(epx_ll_sig(c, c.ll_peers[threadIdx.x], c.rank), epoch);
-  }
+}
+
+/* EPX_CUDA_TRACE: the last block of an LL send kernel to finish records
+ * SEND_SIGNALS (every message and flag written). */
+static __device__ void epx_ll_trace_send_done(const EpxDevCtx &c, int op) {
+  if (!c.trace) return;
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  __threadfence();
+  if (atomicAdd(&c.state->trace_done[0], 1u) != gridDim.x - 1) return;
+  c.state->trace_done[0] = 0;
+  epx_trace(c, op, EPX_TRACE_SEND_SIGNALS);
+}
+
+/* The flag words of a slot (see the protocol above). */
+static __device__ __forceinline__ unsigned long long *epx_ll_flag(const EpxDevCtx &c, char *slot,
+                                                                  size_t index) {
+  return (unsigned long long *)(slot + c.ll.flags_off) + index;
+}
+static __device__ __forceinline__ unsigned long long epx_ll_flag_value(unsigned long long epoch,
+                                                                       int present) {
+  return 2ull * epoch + (present ? 1ull : 0ull);
+}
+static __device__ __forceinline__ size_t epx_ll_dispatch_flag_index(const EpxDevCtx &c, int src, int t) {
+  return (size_t)src * (size_t)c.ll_max_tokens + (size_t)t;
+}
+static __device__ __forceinline__ size_t epx_ll_combine_flag_index(const EpxDevCtx &c, int t, int k,
+                                                                   int piece) {
+  return ((size_t)t * (size_t)c.max_topk + (size_t)k) * EPX_LL_COMBINE_PIECES + (size_t)piece;
+}
+
+/* Vectors (16 bytes) in one piece of a combine row cut into `pieces`: a
+ * multiple of 32; pieces past the row's end are empty. */
+static __device__ __forceinline__ int epx_ll_combine_piece_vectors(int nvec, int pieces) {
+  return ((nvec + pieces - 1) / pieces + 31) / 32 * 32;
+}
+
+/* Waits (one thread) for the flag of op `epoch` written by `peer`; returns 1
+ * when a message is there, 0 when the op sends none there, -1 after recording
+ * a failed wait. The acquire in epx_wait_epoch pairs with the sender's
+ * release-store of the flag; the caller's __syncwarp (or barrier) extends it
+ * to the lanes that read the message. */
+static __device__ int epx_ll_wait_flag(const EpxDevCtx &c, const unsigned long long *flag,
+                                       unsigned long long epoch, int op, int peer,
+                                       unsigned long long seq) {
+  const unsigned long long want = epx_ll_flag_value(epoch, 0);
+  if (!epx_wait_epoch(c, flag, want, op, EPX_PHASE_LL_MESSAGE, peer, seq)) return -1;
+  /* stable: op epoch + 2 cannot write it before this receive acknowledges */
+  return (int)(epx_ld_relaxed_sys(flag) & 1ull);
 }
 
 /* Start of an LL receive kernel: thread s acquires sig[s] >= epoch (pairs
@@ -770,22 +864,38 @@ static cudaError_t epx_preload(void (*kernel)(KArgs...)) {
 }
 
 /* Launches kernel<<<blocks, threads, smem, stream>>>(args...), as a
- * programmatic dependent of the stream's previous kernel when `pdl`. */
+ * programmatic dependent of the stream's previous kernel when `pdl`, and as a
+ * cooperative launch (every block resident at once, or the launch fails)
+ * when `cooperative`: the fused LL kernels need it, since their blocks wait
+ * for messages that other ranks' blocks send. */
 template <typename... KArgs, typename... Args>
-static cudaError_t epx_launch(void (*kernel)(KArgs...), int pdl, int blocks, int threads, size_t smem,
-                              cudaStream_t stream, Args... args) {
+static cudaError_t epx_launch_ex(void (*kernel)(KArgs...), int pdl, int cooperative, int blocks,
+                                 int threads, size_t smem, cudaStream_t stream, Args... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3((unsigned)blocks);
   cfg.blockDim = dim3((unsigned)threads);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
-  cudaLaunchAttribute attr[1] = {};
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchAttribute attr[2] = {};
+  unsigned n = 0;
+  if (pdl) {
+    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  if (cooperative) {
+    attr[n].id = cudaLaunchAttributeCooperative;
+    attr[n++].val.cooperative = 1;
+  }
   cfg.attrs = attr;
-  cfg.numAttrs = pdl ? 1 : 0;
+  cfg.numAttrs = n;
   cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, args...);
   return err != cudaSuccess ? err : cudaGetLastError();
+}
+
+template <typename... KArgs, typename... Args>
+static cudaError_t epx_launch(void (*kernel)(KArgs...), int pdl, int blocks, int threads, size_t smem,
+                              cudaStream_t stream, Args... args) {
+  return epx_launch_ex(kernel, pdl, 0, blocks, threads, smem, stream, args...);
 }
 
 #endif /* __CUDACC__ */
@@ -969,8 +1079,8 @@ cudaError_t epx_cuda_launch_ll_combine_send(const EpxLLCombineSendParams *p, int
 cudaError_t epx_cuda_launch_ll_combine_recv(const EpxLLCombineRecvParams *p, int blocks,
                                             cudaStream_t stream);
 /* Send and receive in one launch (no receive hook): every block sends its
- * share, then receives. The grid must be co-resident (blocks <= SMs: a block
- * waiting for the signals holds its SM while the last sender posts them). */
+ * share, then receives. Launched cooperatively: a block waiting for messages
+ * holds its SM, so every block must be resident (blocks <= SMs). */
 cudaError_t epx_cuda_launch_ll_dispatch_fused(const EpxLLDispatchSendParams *sp,
                                               const EpxLLDispatchRecvParams *rp, int blocks,
                                               cudaStream_t stream);

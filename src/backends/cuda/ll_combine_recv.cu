@@ -5,7 +5,7 @@
  */
 #include "backends/cuda/ll_combine_recv.cuh"
 
-__global__ void __launch_bounds__(EPX_LL_THREADS)
+__global__ void __launch_bounds__(EPX_LL_THREADS, 1)
     epx_ll_combine_recv_kernel(EpxLLCombineRecvParams p) {
   epx_wait_prior_grid(); /* PDL: the previous kernel's writes are visible from here */
   epx_allow_dependents();

@@ -6,9 +6,12 @@
  * Low-latency combine, receive half: for each of my
  * tokens t, acc = 0; for k = 0..K-1 with topk_idx[t][k] >= 0:
  * acc = epx_add_rn(acc, epx_mul_rn(w[t][k], bf16(inbox[t][k]))); out = bf16(acc),
- * exactly the contract's order. Work items are (token, 256-channel chunk), one
- * per warp, so a few tokens still spread over many SMs. Ids outside [-1, E)
- * (checked here on the device) fail the call and leave combined_x untouched.
+ * exactly the contract's order. Work items are (token, 256-channel chunk),
+ * a short contiguous run per warp, so a few tokens still spread over many SMs;
+ * a warp waits for the flags of its chunks' pieces (one lane per top-k slot),
+ * so it reduces as soon as those landed while others are still in flight. Ids outside
+ * [-1, E) (checked here on the device) fail the call and leave combined_x
+ * untouched.
  */
 #ifndef EPX_LL_COMBINE_RECV_CUH
 #define EPX_LL_COMBINE_RECV_CUH
@@ -91,19 +94,49 @@ static __device__ void epx_ll_combine_recv_body(const EpxLLCombineRecvParams &p,
   }
   __syncthreads();
 
+  int reduced = 1;
   if (s_status == 0) {
+    /* Each warp takes a contiguous run of (token, 32-vector chunk) items, so
+     * it loads a token's ids and weights (lane k: slot k) and waits for its
+     * pieces' flags (lane k: slot k's flag, from the expert's rank) once. */
     const int lane = threadIdx.x % 32;
     const int nvec = p.hidden / 8;
     const int chunks = (nvec + 31) / 32;
     const int warps = gridDim.x * EPX_LL_WARPS;
-    for (int i = blockIdx.x * EPX_LL_WARPS + (int)threadIdx.x / 32; i < T * chunks; i += warps) {
-      const int t = i / chunks, v = (i % chunks) * 32 + lane;
-      if (v >= nvec) continue;
+    const int warp = blockIdx.x * EPX_LL_WARPS + (int)threadIdx.x / 32;
+    const int piece = epx_ll_combine_piece_vectors(nvec, c.ll_pieces);
+    const int items = T * chunks, per_warp = (items + warps - 1) / warps;
+    const int i_end = min(items, (warp + 1) * per_warp);
+    int cur_t = -1, cur_q = -1;
+    long long my_id = -1;
+    float my_w = 0.0f;
+    for (int i = warp * per_warp; i < i_end; ++i) {
+      const int t = i / chunks, ch = i % chunks, q = ch * 32 / piece;
+      if (t != cur_t) {
+        my_id = lane < K ? epx_topk_get(p.topk_idx, p.topk_is_int64, t, K, lane) : -1;
+        my_w = lane < K ? p.topk_weights[(size_t)t * K + lane] : 0.0f;
+        cur_t = t;
+        cur_q = -1;
+      }
+      if (q != cur_q) {
+        int failed = 0;
+        if (epx_topk_valid(my_id))
+          failed = epx_ll_wait_flag(c, epx_ll_flag(c, slot, epx_ll_combine_flag_index(c, t, lane, q)),
+                                    epoch, EPX_OP_LL_COMBINE,
+                                    epx_expert_rank(my_id, c.num_local_experts), p.seq) < 0;
+        if (__any_sync(0xffffffffu, failed)) {
+          reduced = 0;
+          break;
+        }
+        __syncwarp(); /* each lane's acquire covers the warp's reads of the piece */
+        cur_q = q;
+      }
+      const int v = ch * 32 + lane;
+      const bool active = v < nvec;
       float acc[8];
 #pragma unroll
       for (int j = 0; j < 8; ++j) acc[j] = 0.0f;
-      /* all loads of a batch of slots first (the inbox row of an unused slot
-       * is in bounds and simply ignored), then the sums in k order */
+      /* all loads of a batch of slots first, then the sums in k order */
       for (int k0 = 0; k0 < K; k0 += EPX_LL_COMBINE_BATCH) {
         int4 vin[EPX_LL_COMBINE_BATCH];
         float wk[EPX_LL_COMBINE_BATCH];
@@ -111,12 +144,10 @@ static __device__ void epx_ll_combine_recv_body(const EpxLLCombineRecvParams &p,
 #pragma unroll
         for (int u = 0; u < EPX_LL_COMBINE_BATCH; ++u) {
           const int k = k0 + u;
-          ok[u] = false;
-          if (k < K) {
-            ok[u] = epx_topk_valid(epx_topk_get(p.topk_idx, p.topk_is_int64, t, K, k));
-            wk[u] = p.topk_weights[(size_t)t * K + k];
-            vin[u] = ((const int4 *)epx_ll_inbox(c, slot, t, k))[v];
-          }
+          const long long id = __shfl_sync(0xffffffffu, my_id, k & 31);
+          wk[u] = __shfl_sync(0xffffffffu, my_w, k & 31);
+          ok[u] = k < K && epx_topk_valid(id) && active;
+          if (ok[u]) vin[u] = ((const int4 *)epx_ll_inbox(c, slot, t, k))[v];
         }
 #pragma unroll
         for (int u = 0; u < EPX_LL_COMBINE_BATCH; ++u) {
@@ -127,9 +158,11 @@ static __device__ void epx_ll_combine_recv_body(const EpxLLCombineRecvParams &p,
           for (int j = 0; j < 8; ++j) acc[j] = epx_add_rn(acc[j], epx_mul_rn(wk[u], f[j]));
         }
       }
-      ((int4 *)((char *)p.combined_x + (size_t)t * p.hidden * 2))[v] = epx_ll_pack_bf16x8(acc);
+      if (active)
+        ((int4 *)((char *)p.combined_x + (size_t)t * p.hidden * 2))[v] = epx_ll_pack_bf16x8(acc);
     }
   }
+  if (__syncthreads_or(!reduced)) return; /* a wait failed: no ack, the op is over */
   if (blockIdx.x == 0 && threadIdx.x == 0) epx_trace(c, EPX_OP_LL_COMBINE, EPX_TRACE_RECV_BLOCK0);
   epx_ll_post_acks(c, epoch, EPX_OP_LL_COMBINE);
 }

@@ -6,9 +6,12 @@
  * sums the K slots in k order, which keeps the result bit-identical to the
  * reference (a per-rank partial sum would change the FP32 rounding order).
  *
- * Rows are spread over the warps of the grid by a flat index over the valid
- * rows of all experts (a prefix of the per-expert counts in shared memory), so
- * the work is balanced whatever the routing.
+ * Rows are cut into EPX_CUDA_LL_PIECES pieces, and the (row, piece) items
+ * are spread over the warps of the grid by a flat index over the valid rows of
+ * all experts (a prefix of the per-expert counts in shared memory), so the work
+ * is balanced whatever the routing. After each piece its warp release-stores
+ * the piece's flag [token][k][piece] in the source, which starts reducing that
+ * piece at once.
  */
 #include "backends/cuda/ll_combine_recv.cuh"
 
@@ -24,11 +27,11 @@ static __device__ unsigned long long epx_ll_combine_send_body(const EpxLLCombine
   const long long rpe = epx_ll_rows_per_expert(R, llT);
   __shared__ int s_fatal;
   __shared__ unsigned long long s_epoch;
+  const unsigned long long ack_peek = epx_ll_peek_ack(c);
   if (threadIdx.x == 0) {
     s_fatal = epx_ll_fatal(c);
-    s_epoch = c.state->ll_epoch + 1; /* every block reads it before the last block advances it */
     if (blockIdx.x == 0) epx_trace_start(c, EPX_OP_LL_COMBINE);
-    if (blockIdx.x == 0 && p.handle_epoch && !s_fatal) *p.handle_epoch = s_epoch;
+    s_epoch = epx_ll_read_epoch(c);
     if (!p.invalid) {
       int acc = 0;
       for (int j = 0; j < El; ++j) {
@@ -41,8 +44,9 @@ static __device__ unsigned long long epx_ll_combine_send_body(const EpxLLCombine
   __syncthreads();
   if (s_fatal) return 0;
   const unsigned long long epoch = s_epoch;
+  if (blockIdx.x == 0 && threadIdx.x == 0 && p.handle_epoch) *p.handle_epoch = epoch;
   if (blockIdx.x == 0 && threadIdx.x == 0) epx_trace(c, EPX_OP_LL_COMBINE, EPX_TRACE_SEND_PREP);
-  if (!epx_ll_wait_slot_free(c, epoch, EPX_OP_LL_COMBINE, p.seq)) return 0;
+  if (!epx_ll_wait_slot_free(c, epoch, EPX_OP_LL_COMBINE, p.seq, ack_peek)) return 0;
   if (blockIdx.x == 0 && threadIdx.x == 0) epx_trace(c, EPX_OP_LL_COMBINE, EPX_TRACE_SEND_SLOT);
 
   if (blockIdx.x == 0 && (int)threadIdx.x < R) {
@@ -60,11 +64,15 @@ static __device__ unsigned long long epx_ll_combine_send_body(const EpxLLCombine
     h->bad_id = 0;
     h->bad_token = -1;
   }
-  if (blockIdx.x == 0 && threadIdx.x == 0) epx_trace(c, EPX_OP_LL_COMBINE, EPX_TRACE_SEND_HEADER);
+  if (blockIdx.x == 0) {
+    epx_ll_post_headers(c, epoch);
+    if (threadIdx.x == 0) epx_trace(c, EPX_OP_LL_COMBINE, EPX_TRACE_SEND_HEADER);
+  }
 
   if (!p.invalid) {
-    /* items (row, chunk of the row): every warp of the grid has work, each
-     * loads its chunk once (EPX_LL_CSEND_UNROLL vectors a lane in flight) */
+    /* items (row, piece of the row): each warp loads its piece once
+     * (EPX_LL_CSEND_UNROLL vectors a lane in flight), stores it into every
+     * top-k slot of the source that names this expert, then flags it there */
     const int lane = threadIdx.x % 32, K = p.num_topk;
     const unsigned kvalid = K >= 32 ? 0xffffffffu : (1u << K) - 1u;
     const int nvec = p.hidden / 8;
@@ -72,13 +80,12 @@ static __device__ unsigned long long epx_ll_combine_send_body(const EpxLLCombine
     const int total = s_prefix[El];
     const int warps = gridDim.x * EPX_LL_WARPS;
     const int per_round = 32 * EPX_LL_CSEND_UNROLL;
-    int Q = total > 0 ? warps / total : 1;
-    const int max_q = (nvec + per_round - 1) / per_round;
-    if (Q > max_q) Q = max_q;
-    if (Q < 1) Q = 1;
-    const int chunk = ((nvec + Q - 1) / Q + 31) / 32 * 32;
-    for (int i = blockIdx.x * EPX_LL_WARPS + (int)threadIdx.x / 32; i < total * Q; i += warps) {
-      const int q = i % Q, ri = i / Q;
+    const int pieces = c.ll_pieces;
+    const int piece = epx_ll_combine_piece_vectors(nvec, pieces);
+    for (int i = blockIdx.x * EPX_LL_WARPS + (int)threadIdx.x / 32; i < total * pieces; i += warps) {
+      const int q = i % pieces, ri = i / pieces;
+      const int v_lo = q * piece, v_hi = min(nvec, v_lo + piece);
+      if (v_lo >= nvec) continue; /* an empty piece: no receiver waits for it */
       int lo = 0, hi = El - 1;
       while (lo < hi) {
         int mid = (lo + hi + 1) / 2;
@@ -92,7 +99,6 @@ static __device__ unsigned long long epx_ll_combine_send_body(const EpxLLCombine
       if (s < 0 || s >= R || t < 0 || t >= llT) continue;
       char *slot = epx_ll_slot(c, c.ll_peers[s], epoch);
       const int4 *src = (const int4 *)((const char *)p.x + at * xrow);
-      const int v_lo = q * chunk, v_hi = min(nvec, v_lo + chunk);
       for (int v0 = v_lo; v0 < v_hi; v0 += per_round) {
         int4 buf[EPX_LL_CSEND_UNROLL];
 #pragma unroll
@@ -109,16 +115,22 @@ static __device__ unsigned long long epx_ll_combine_send_body(const EpxLLCombine
           }
         }
       }
+      /* the warp's stores of the piece, then lane k flags slot k of it */
+      __syncwarp();
+      if ((kmask >> lane) & 1u)
+        epx_st_release_sys(epx_ll_flag(c, slot, epx_ll_combine_flag_index(c, t, lane, q)),
+                           epx_ll_flag_value(epoch, 1));
     }
   }
   if (threadIdx.x == 0 && blockIdx.x == 0) epx_trace(c, EPX_OP_LL_COMBINE, EPX_TRACE_SEND_BLOCK0);
   if (threadIdx.x == 0 && blockIdx.x == gridDim.x - 1 && gridDim.x > 1)
     epx_trace(c, EPX_OP_LL_COMBINE, EPX_TRACE_SEND_BLOCKN);
-  epx_ll_post_signals(c, epoch, EPX_OP_LL_COMBINE);
+  epx_ll_advance_epoch(c, epoch);
+  epx_ll_trace_send_done(c, EPX_OP_LL_COMBINE);
   return epoch;
 }
 
-__global__ void __launch_bounds__(EPX_LL_THREADS)
+__global__ void __launch_bounds__(EPX_LL_THREADS, 1)
     epx_ll_combine_send_kernel(EpxLLCombineSendParams p) {
   epx_wait_prior_grid(); /* PDL: the previous kernel's writes are visible from here */
   epx_allow_dependents();
@@ -148,8 +160,7 @@ cudaError_t epx_cuda_launch_ll_combine_fused(const EpxLLCombineSendParams *sp,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (err != cudaSuccess) return err;
   }
-  epx_ll_combine_fused_kernel<<<blocks, EPX_LL_THREADS, smem, stream>>>(*sp, *rp);
-  return cudaGetLastError();
+  return epx_launch_ex(epx_ll_combine_fused_kernel, 0, 1, blocks, EPX_LL_THREADS, smem, stream, *sp, *rp);
 }
 
 cudaError_t epx_cuda_launch_ll_combine_send(const EpxLLCombineSendParams *p, int blocks,

@@ -3,17 +3,20 @@
  * function, shared by the receive kernel (ll_dispatch_recv.cu) and the fused
  * send+receive kernel (ll_dispatch_send.cu).
  *
- * Every block waits for the signal of every source, checks the headers
- * (op, seq, hidden, top-k, FP8, UE8M0; a source's invalid arguments or bad
- * expert id) and computes first_row(e, s) = sum over sources s' < s of
- * counts(s', e) for each local expert e. Messages (source s, token t) are then
- * spread over the warps of the grid in row chunks (epx_ll_dispatch_place_chunked,
- * so every warp has work): a warp reads the token's meta, loads its chunk once,
- * and for every local expert the token names (first slot naming it) stores it
- * into row first_row(e, s) + pos(t, e) of expert e's block. The order is thus
- * fixed (sources ascending, tokens ascending) with no atomics, and the rows of
- * one source are contiguous. Block 0 writes the per-expert outputs (counts,
- * ranges, cumulative statistics). A failed check writes no caller output.
+ * Every block waits for the signal of every source (its headers, posted
+ * before any message), checks the headers (op, seq, hidden, top-k, FP8,
+ * UE8M0; a source's invalid arguments or bad expert id) and computes
+ * first_row(e, s) = sum over sources s' < s of counts(s', e) for each local
+ * expert e. Messages (source s, token t) are then spread over the warps of the
+ * grid in row chunks (epx_ll_dispatch_place_chunked, so every warp has work):
+ * a warp waits for the message's flag (so it starts as soon as that message
+ * landed, while others are still in flight), reads the token's meta, loads its
+ * chunk once, and for every local expert the token names (first slot naming
+ * it) stores it into row first_row(e, s) + pos(t, e) of expert e's block. The
+ * order is thus fixed (sources ascending, tokens ascending) with no atomics,
+ * and the rows of one source are contiguous. Block 0 writes the per-expert
+ * outputs (counts, ranges, cumulative statistics). A failed check writes no
+ * caller output.
  */
 #ifndef EPX_LL_DISPATCH_RECV_CUH
 #define EPX_LL_DISPATCH_RECV_CUH
@@ -29,9 +32,10 @@
  * and stores it into every local expert row the token names (the leaders of
  * __match_any_sync over the meta ids; lanes >= K get distinct non-expert
  * values, so a row's kmask bits are exactly the top-k slots naming it). */
-static __device__ void epx_ll_dispatch_place_chunked(const EpxLLDispatchRecvParams &p, char *slot,
-                                                     const int *s_first, const int *s_T,
-                                                     size_t xrow, size_t srow) {
+static __device__ int epx_ll_dispatch_place_chunked(const EpxLLDispatchRecvParams &p,
+                                                    unsigned long long epoch, char *slot,
+                                                    const int *s_first, const int *s_T,
+                                                    size_t xrow, size_t srow) {
   const EpxDevCtx &c = p.ctx;
   const int R = c.nranks, El = c.num_local_experts, me = c.rank;
   const int llT = c.ll_max_tokens;
@@ -52,7 +56,25 @@ static __device__ void epx_ll_dispatch_place_chunked(const EpxLLDispatchRecvPara
     const int q = i % Q, m = i / Q;
     const int s = m / llT, t = m % llT;
     if (t >= s_T[s]) continue;
+    int present = 0;
+    if (lane == 0)
+      present = epx_ll_wait_flag(c, epx_ll_flag(c, slot, epx_ll_dispatch_flag_index(c, s, t)),
+                                 epoch, EPX_OP_LL_DISPATCH, s, p.seq);
+    present = __shfl_sync(0xffffffffu, present, 0);
+    if (present < 0) return 0; /* recorded; the sticky flag stops the other waits */
+    if (present == 0) continue;
+    __syncwarp(); /* lane 0's acquire covers the warp's reads of the message */
     const char *msg = epx_ll_msg(c, slot, s, t);
+    const int v_lo = q * chunk, v_hi = min(nvec, v_lo + chunk);
+    const int4 *src = (const int4 *)msg;
+    /* the first round of the payload is loaded before the meta is read, so
+     * both are in flight together (the usual chunk is one round) */
+    int4 buf[EPX_LL_RECV_UNROLL];
+#pragma unroll
+    for (int u = 0; u < EPX_LL_RECV_UNROLL; ++u) {
+      const int v = v_lo + u * 32 + lane;
+      if (v < v_hi) buf[u] = src[v];
+    }
     const int *meta = (const int *)(msg + c.ll.msg_meta_off);
     const int id = lane < K ? meta[lane] : -2 - lane;
     const int pos = lane < K ? meta[K + lane] : 0;
@@ -68,14 +90,13 @@ static __device__ void epx_ll_dispatch_place_chunked(const EpxLLDispatchRecvPara
     }
     const unsigned leaders = __ballot_sync(0xffffffffu, my_at >= 0);
     if (!leaders) continue;
-    const int v_lo = q * chunk, v_hi = min(nvec, v_lo + chunk);
-    const int4 *src = (const int4 *)msg;
     for (int v0 = v_lo; v0 < v_hi; v0 += per_round) {
-      int4 buf[EPX_LL_RECV_UNROLL];
+      if (v0 != v_lo) {
 #pragma unroll
-      for (int u = 0; u < EPX_LL_RECV_UNROLL; ++u) {
-        const int v = v0 + u * 32 + lane;
-        if (v < v_hi) buf[u] = src[v];
+        for (int u = 0; u < EPX_LL_RECV_UNROLL; ++u) {
+          const int v = v0 + u * 32 + lane;
+          if (v < v_hi) buf[u] = src[v];
+        }
       }
       for (unsigned l = leaders; l; l &= l - 1) {
         const long long at = __shfl_sync(0xffffffffu, my_at, __ffs(l) - 1);
@@ -106,6 +127,7 @@ static __device__ void epx_ll_dispatch_place_chunked(const EpxLLDispatchRecvPara
       }
     }
   }
+  return 1;
 }
 
 static __device__ void epx_ll_dispatch_recv_body(const EpxLLDispatchRecvParams &p,
@@ -173,6 +195,7 @@ static __device__ void epx_ll_dispatch_recv_body(const EpxLLDispatchRecvParams &
   }
   __syncthreads();
 
+  int placed = 1;
   if (s_status == 0) {
     /* ---- first rows; per-expert outputs (block 0) ---- */
     for (int j = threadIdx.x; j < El; j += blockDim.x) {
@@ -198,8 +221,9 @@ static __device__ void epx_ll_dispatch_recv_body(const EpxLLDispatchRecvParams &
     /* ---- messages: (source, token, row chunk) per warp ---- */
     const size_t xrow = epx_payload_row_bytes(p.hidden, p.fp8);
     const size_t srow = p.fp8 ? epx_scale_row_bytes(p.hidden, p.ue8m0 ? 2 : 1) : 0;
-    epx_ll_dispatch_place_chunked(p, slot, s_first, s_T, xrow, srow);
+    placed = epx_ll_dispatch_place_chunked(p, epoch, slot, s_first, s_T, xrow, srow);
   }
+  if (__syncthreads_or(!placed)) return; /* a wait failed: no ack, the op is over */
   if (blockIdx.x == 0 && threadIdx.x == 0) epx_trace(c, EPX_OP_LL_DISPATCH, EPX_TRACE_RECV_BLOCK0);
   epx_ll_post_acks(c, epoch, EPX_OP_LL_DISPATCH);
 }

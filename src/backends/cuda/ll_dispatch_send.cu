@@ -18,6 +18,9 @@
  */
 #include "backends/cuda/ll_dispatch_recv.cuh"
 
+/* Top-k ids a thread loads at once while building the bitmasks. */
+#define EPX_LL_MASK_BATCH 4
+
 /* Half-warp lanes covering one 128-channel group: 16 lanes x 8 BF16 values. */
 #define EPX_LL_GROUP_LANES (EPX_FP8_GROUP / 8)
 
@@ -30,55 +33,65 @@ static __device__ __forceinline__ int epx_ll_mask_rank(const unsigned int *row, 
 }
 
 /* One FP8 token: cast 8 channels a thread and store them in every destination
- * of dmask. Every thread of the block runs the same number of rounds, so the
+ * of dmask. Each thread first loads all its vectors of a pass (up to
+ * EPX_CUDA_COPY_UNROLL) so the loads are in flight together, then casts them
+ * one round at a time. Every thread of the block runs the same rounds, so the
  * half-warp shuffles see their whole group. */
 static __device__ void epx_ll_send_fp8(const EpxLLDispatchSendParams &p, unsigned long long epoch,
                                        const int4 *src, unsigned long long dmask, int t) {
   const EpxDevCtx &c = p.ctx;
   const int nvec = p.hidden / 8; /* a multiple of 16: hidden % 128 == 0 */
   const int groups = p.hidden / EPX_FP8_GROUP;
-  for (int v0 = 0; v0 < nvec; v0 += blockDim.x) {
-    const int v = v0 + (int)threadIdx.x;
-    const bool active = v < nvec;
-    float f[8];
-    float amax = 0.0f;
-    if (active) {
-      epx_ll_unpack_bf16x8(epx_ld_nc_v4(src + v), f);
+  const int step = (int)blockDim.x;
+  for (int v0 = (int)threadIdx.x; v0 - (int)threadIdx.x < nvec; v0 += step * EPX_CUDA_COPY_UNROLL) {
+    int4 raw[EPX_CUDA_COPY_UNROLL];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        float a = f[i] < 0.0f ? -f[i] : f[i];
-        if (a > amax) amax = a; /* NaN never wins, as in epx_fp8_cast_token */
+    for (int u = 0; u < EPX_CUDA_COPY_UNROLL; ++u)
+      if (v0 + u * step < nvec) raw[u] = epx_ld_nc_v4(src + v0 + u * step);
+#pragma unroll
+    for (int u = 0; u < EPX_CUDA_COPY_UNROLL; ++u) {
+      const int v = v0 + u * step;
+      /* blockDim.x and nvec are multiples of 16: a half-warp is all active or all not */
+      const bool active = v < nvec;
+      float f[8];
+      float amax = 0.0f;
+      if (active) {
+        epx_ll_unpack_bf16x8(raw[u], f);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          float a = f[i] < 0.0f ? -f[i] : f[i];
+          if (a > amax) amax = a; /* NaN never wins, as in epx_fp8_cast_token */
+        }
       }
-    }
-    /* blockDim.x and nvec are multiples of 16: a half-warp is all active or all not */
 #pragma unroll
-    for (int d = EPX_LL_GROUP_LANES / 2; d >= 1; d /= 2) {
-      float o = __shfl_xor_sync(0xffffffffu, amax, d);
-      if (o > amax) amax = o;
-    }
-    if (!active) continue;
-    const float scale = epx_fp8_group_scale(amax, p.round_scale);
-    uint32_t lo = 0, hi = 0;
+      for (int d = EPX_LL_GROUP_LANES / 2; d >= 1; d /= 2) {
+        float o = __shfl_xor_sync(0xffffffffu, amax, d);
+        if (o > amax) amax = o;
+      }
+      if (!active) continue;
+      const float scale = epx_fp8_group_scale(amax, p.round_scale);
+      uint32_t lo = 0, hi = 0;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      lo |= (uint32_t)epx_fp8_quantize(f[i], scale) << (8 * i);
-      hi |= (uint32_t)epx_fp8_quantize(f[4 + i], scale) << (8 * i);
-    }
-    const int g = v / EPX_LL_GROUP_LANES;
-    const bool group_leader = (v % EPX_LL_GROUP_LANES) == 0;
-    for (unsigned long long m = dmask; m; m &= m - 1) {
-      const int r = __ffsll((long long)m) - 1;
-      char *msg = epx_ll_msg(c, epx_ll_slot(c, c.ll_peers[r], epoch), c.rank, t);
-      ((uint2 *)msg)[v] = make_uint2(lo, hi);
-      if (!group_leader) continue;
-      char *sc = msg + c.ll.msg_scales_off;
-      if (p.ue8m0) {
-        /* group g is byte g % 4 of word g / 4 (little-endian): byte g of the row */
-        ((uint8_t *)sc)[g] = epx_ue8m0_from_scale(scale);
-        if (g == groups - 1)
-          for (int b = groups; b % EPX_UE8M0_PER_WORD; ++b) ((uint8_t *)sc)[b] = 0;
-      } else {
-        ((float *)sc)[g] = scale;
+      for (int i = 0; i < 4; ++i) {
+        lo |= (uint32_t)epx_fp8_quantize(f[i], scale) << (8 * i);
+        hi |= (uint32_t)epx_fp8_quantize(f[4 + i], scale) << (8 * i);
+      }
+      const int g = v / EPX_LL_GROUP_LANES;
+      const bool group_leader = (v % EPX_LL_GROUP_LANES) == 0;
+      for (unsigned long long m = dmask; m; m &= m - 1) {
+        const int r = __ffsll((long long)m) - 1;
+        char *msg = epx_ll_msg(c, epx_ll_slot(c, c.ll_peers[r], epoch), c.rank, t);
+        ((uint2 *)msg)[v] = make_uint2(lo, hi);
+        if (!group_leader) continue;
+        char *sc = msg + c.ll.msg_scales_off;
+        if (p.ue8m0) {
+          /* group g is byte g % 4 of word g / 4 (little-endian): byte g of the row */
+          ((uint8_t *)sc)[g] = epx_ue8m0_from_scale(scale);
+          if (g == groups - 1)
+            for (int b = groups; b % EPX_UE8M0_PER_WORD; ++b) ((uint8_t *)sc)[b] = 0;
+        } else {
+          ((float *)sc)[g] = scale;
+        }
       }
     }
   }
@@ -107,8 +120,16 @@ static __device__ void epx_ll_send_bf16_batched(const EpxLLDispatchSendParams &p
   }
 }
 
+/* Pulls row t of x towards L2 (one prefetch per 128-byte line) while the
+ * block builds its bitmasks: the cast then loads from L2, not HBM. */
+static __device__ __forceinline__ void epx_ll_prefetch_row(const void *row, size_t bytes) {
+  for (size_t off = (size_t)threadIdx.x * 128; off < bytes; off += (size_t)blockDim.x * 128)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"((const char *)row + off));
+}
+
 /* The send half; returns the op number, or 0 when this block must stop
- * (sticky fatal error, failed wait). */
+ * (sticky fatal error, failed wait). Block 0 writes the headers and posts
+ * them; the tokens go to the other blocks (all blocks when there is one). */
 static __device__ unsigned long long epx_ll_dispatch_send_body(const EpxLLDispatchSendParams &p) {
   extern __shared__ unsigned int s_mask[]; /* [E][W]: bit t of row e = token t names expert e */
   const EpxDevCtx &c = p.ctx;
@@ -121,31 +142,47 @@ static __device__ unsigned long long epx_ll_dispatch_send_body(const EpxLLDispat
   const int T = p.invalid ? 0 : p.num_tokens;
   const int K = p.invalid ? 0 : p.num_topk;
   const int W = (T + 31) / 32;
+  const int token_block0 = gridDim.x > 1 ? 1 : 0;
+  const int token_blocks = (int)gridDim.x - token_block0;
+  const int first_token = (int)blockIdx.x - token_block0; /* -1: the header block */
+  if (first_token >= 0 && first_token < T)
+    epx_ll_prefetch_row((const char *)p.x + (size_t)first_token * p.hidden * 2, (size_t)p.hidden * 2);
+  const unsigned long long ack_peek = epx_ll_peek_ack(c);
   if (threadIdx.x == 0) {
     s_fatal = epx_ll_fatal(c);
-    s_epoch = c.state->ll_epoch + 1; /* every block reads it before the last block advances it */
     if (blockIdx.x == 0) epx_trace_start(c, EPX_OP_LL_DISPATCH);
+    s_epoch = epx_ll_read_epoch(c);
     s_bad = 0;
     s_bad_id = 0;
     s_bad_token = -1;
-    if (blockIdx.x == 0 && p.handle_epoch && !s_fatal) *p.handle_epoch = s_epoch;
   }
   for (int i = threadIdx.x; i < E * W; i += blockDim.x) s_mask[i] = 0u;
   __syncthreads();
   if (s_fatal) return 0;
   const unsigned long long epoch = s_epoch;
+  if (blockIdx.x == 0 && threadIdx.x == 0 && p.handle_epoch) *p.handle_epoch = epoch;
 
-  /* ---- token bitmasks per expert; id range check ---- */
-  for (int i = threadIdx.x; i < T * K; i += blockDim.x) {
-    const int t = i / K, k = i % K;
-    const long long id = epx_topk_get(p.topk_idx, p.topk_is_int64, t, K, k);
-    if (id < -1 || id >= E) {
-      if (atomicExch(&s_bad, 1) == 0) {
-        s_bad_id = id;
-        s_bad_token = t;
+  /* ---- token bitmasks per expert; id range check (each thread loads a
+   * batch of ids before its shared-memory atomics, so the loads overlap) ---- */
+  for (int i0 = threadIdx.x; i0 < T * K; i0 += blockDim.x * EPX_LL_MASK_BATCH) {
+    long long ids[EPX_LL_MASK_BATCH];
+#pragma unroll
+    for (int u = 0; u < EPX_LL_MASK_BATCH; ++u) {
+      const int i = i0 + u * (int)blockDim.x;
+      ids[u] = i < T * K ? epx_topk_get(p.topk_idx, p.topk_is_int64, i / K, K, i % K) : -1;
+    }
+#pragma unroll
+    for (int u = 0; u < EPX_LL_MASK_BATCH; ++u) {
+      const int i = i0 + u * (int)blockDim.x, t = i / K;
+      const long long id = ids[u];
+      if (id < -1 || id >= E) {
+        if (atomicExch(&s_bad, 1) == 0) {
+          s_bad_id = id;
+          s_bad_token = t;
+        }
+      } else if (id >= 0) {
+        atomicOr(&s_mask[(size_t)id * W + t / 32], 1u << (t % 32));
       }
-    } else if (id >= 0) {
-      atomicOr(&s_mask[(size_t)id * W + t / 32], 1u << (t % 32));
     }
   }
   __syncthreads();
@@ -153,28 +190,29 @@ static __device__ unsigned long long epx_ll_dispatch_send_body(const EpxLLDispat
   if (blockIdx.x == 0 && threadIdx.x == 0) epx_trace(c, EPX_OP_LL_DISPATCH, EPX_TRACE_SEND_PREP);
 
   /* ---- slot e % 2 of every destination must be free (op e - 2 read) ---- */
-  if (!epx_ll_wait_slot_free(c, epoch, EPX_OP_LL_DISPATCH, p.seq)) return 0;
+  if (!epx_ll_wait_slot_free(c, epoch, EPX_OP_LL_DISPATCH, p.seq, ack_peek)) return 0;
   if (blockIdx.x == 0 && threadIdx.x == 0) epx_trace(c, EPX_OP_LL_DISPATCH, EPX_TRACE_SEND_SLOT);
 
   /* ---- headers: block 0; thread r writes destination r's fields, and the
    * R x E_local counts are spread over the whole block (one thread writing a
-   * destination's 128-odd counts one after another took ~20 us on H200) ---- */
-  if (blockIdx.x == 0 && (int)threadIdx.x < R) {
-    const int r = threadIdx.x;
-    EpxLLHeader *h = epx_ll_hdr(c, epx_ll_slot(c, c.ll_peers[r], epoch), me);
-    h->epoch = epoch;
-    h->seq = p.seq;
-    h->op = EPX_OP_LL_DISPATCH;
-    h->flags = p.invalid ? EPX_HELLO_INVALID : (s_bad ? EPX_HELLO_BAD_ID : 0);
-    h->hidden = p.hidden;
-    h->topk = p.num_topk;
-    h->fp8 = p.fp8;
-    h->ue8m0 = p.ue8m0;
-    h->num_tokens = sending ? T : 0;
-    h->bad_id = s_bad_id;
-    h->bad_token = s_bad_token;
-  }
+   * destination's 128-odd counts one after another took ~20 us on H200);
+   * then sig[me] = e in every destination, ahead of the messages ---- */
   if (blockIdx.x == 0) {
+    if ((int)threadIdx.x < R) {
+      const int r = threadIdx.x;
+      EpxLLHeader *h = epx_ll_hdr(c, epx_ll_slot(c, c.ll_peers[r], epoch), me);
+      h->epoch = epoch;
+      h->seq = p.seq;
+      h->op = EPX_OP_LL_DISPATCH;
+      h->flags = p.invalid ? EPX_HELLO_INVALID : (s_bad ? EPX_HELLO_BAD_ID : 0);
+      h->hidden = p.hidden;
+      h->topk = p.num_topk;
+      h->fp8 = p.fp8;
+      h->ue8m0 = p.ue8m0;
+      h->num_tokens = sending ? T : 0;
+      h->bad_id = s_bad_id;
+      h->bad_token = s_bad_token;
+    }
     for (int i = threadIdx.x; i < R * El; i += blockDim.x) {
       const int r = i / El, j = i % El;
       int n = 0;
@@ -184,12 +222,13 @@ static __device__ unsigned long long epx_ll_dispatch_send_body(const EpxLLDispat
       }
       ((int *)(epx_ll_hdr(c, epx_ll_slot(c, c.ll_peers[r], epoch), me) + 1))[j] = n;
     }
+    epx_ll_post_headers(c, epoch);
+    if (threadIdx.x == 0) epx_trace(c, EPX_OP_LL_DISPATCH, EPX_TRACE_SEND_HEADER);
   }
-  if (blockIdx.x == 0 && threadIdx.x == 0) epx_trace(c, EPX_OP_LL_DISPATCH, EPX_TRACE_SEND_HEADER);
 
-  /* ---- messages ---- */
-  if (sending) {
-    for (int t = blockIdx.x; t < T; t += gridDim.x) {
+  /* ---- messages, each followed by its flag in every destination ---- */
+  if (sending && first_token >= 0) {
+    for (int t = first_token; t < T; t += token_blocks) {
       if (threadIdx.x < 32) {
         const int lane = threadIdx.x;
         long long id = -1;
@@ -209,9 +248,10 @@ static __device__ unsigned long long epx_ll_dispatch_send_body(const EpxLLDispat
       }
       __syncthreads();
       const unsigned long long dmask = s_dmask;
-      /* meta to every destination (the receiver scans all T tokens of a source) */
+      /* meta to every destination of the token */
       for (int i = threadIdx.x; i < R * K; i += blockDim.x) {
         const int r = i / K, k = i % K;
+        if (!((dmask >> r) & 1ull)) continue;
         int *meta = (int *)(epx_ll_msg(c, epx_ll_slot(c, c.ll_peers[r], epoch), me, t) +
                             c.ll.msg_meta_off);
         meta[k] = s_id[k];
@@ -222,17 +262,27 @@ static __device__ unsigned long long epx_ll_dispatch_send_body(const EpxLLDispat
         epx_ll_send_fp8(p, epoch, src, dmask, t);
       else
         epx_ll_send_bf16_batched(p, epoch, src, dmask, t);
-      __syncthreads(); /* s_id / s_pos / s_dmask are rewritten for the next token */
+      /* every thread's writes of the message, then its flag (2e + 1 where
+       * it went, 2e elsewhere); also frees s_id / s_pos / s_dmask */
+      __syncthreads();
+      if ((int)threadIdx.x < R) {
+        const int r = threadIdx.x;
+        epx_st_release_sys(epx_ll_flag(c, epx_ll_slot(c, c.ll_peers[r], epoch),
+                                       epx_ll_dispatch_flag_index(c, me, t)),
+                           epx_ll_flag_value(epoch, (int)((dmask >> r) & 1ull)));
+      }
     }
   }
-  if (threadIdx.x == 0 && blockIdx.x == 0) epx_trace(c, EPX_OP_LL_DISPATCH, EPX_TRACE_SEND_BLOCK0);
+  if (threadIdx.x == 0 && blockIdx.x == token_block0)
+    epx_trace(c, EPX_OP_LL_DISPATCH, EPX_TRACE_SEND_BLOCK0);
   if (threadIdx.x == 0 && blockIdx.x == gridDim.x - 1 && gridDim.x > 1)
     epx_trace(c, EPX_OP_LL_DISPATCH, EPX_TRACE_SEND_BLOCKN);
-  epx_ll_post_signals(c, epoch, EPX_OP_LL_DISPATCH);
+  epx_ll_advance_epoch(c, epoch);
+  epx_ll_trace_send_done(c, EPX_OP_LL_DISPATCH);
   return epoch;
 }
 
-__global__ void __launch_bounds__(EPX_LL_THREADS)
+__global__ void __launch_bounds__(EPX_LL_THREADS, 1)
     epx_ll_dispatch_send_kernel(EpxLLDispatchSendParams p) {
   epx_wait_prior_grid(); /* PDL: the previous kernel's writes are visible from here */
   epx_allow_dependents();
@@ -268,8 +318,7 @@ cudaError_t epx_cuda_launch_ll_dispatch_fused(const EpxLLDispatchSendParams *sp,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (err != cudaSuccess) return err;
   }
-  epx_ll_dispatch_fused_kernel<<<blocks, EPX_LL_THREADS, smem, stream>>>(*sp, *rp);
-  return cudaGetLastError();
+  return epx_launch_ex(epx_ll_dispatch_fused_kernel, 0, 1, blocks, EPX_LL_THREADS, smem, stream, *sp, *rp);
 }
 
 cudaError_t epx_cuda_launch_ll_dispatch_send(const EpxLLDispatchSendParams *p, int blocks,
