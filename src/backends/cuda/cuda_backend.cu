@@ -57,7 +57,7 @@ typedef struct EpxCudaComm {
   char **peers_dev;         /* device copy of peer_host */
   EpxCudaState *state;
   int *scratch_pos;         /* [maxT, R] count-exchange scratch (see kernels_hello.cu) */
-  int *layout_scratch;      /* per-block layout histograms (kernels_layout.cu), or NULL */
+  int *layout_scratch;      /* the layout kernel's accumulator (kernels_layout.cu), or NULL */
   EpxHostShared *host;      /* host view */
   EpxHostShared *host_dev;  /* device view */
   int blocks;               /* blocks of the data kernels (>= 2) */
@@ -466,8 +466,7 @@ static void cuda_size_hints(const epxConfig_t *config, int nranks, epxSizeHints_
   int rpn = config->ranks_per_node > 0 ? config->ranks_per_node : nranks;
   hints->comm_buffer_bytes =
       lay.total + sizeof(int) * T * R /* count-exchange scratch */ +
-      sizeof(int) * epx_cuda_layout_scratch_ints(config->num_experts, nranks, rpn,
-                                                 config->max_tokens_per_rank);
+      sizeof(int) * epx_cuda_layout_scratch_ints(config->num_experts, nranks, rpn);
   size_t llT = (size_t)config->ll_max_tokens_per_rank;
   hints->ll_buffer_bytes =
       llT ? epx_cuda_ll_layout(nranks, (int)llT, config->hidden, config->max_topk, El).total : 0;
@@ -647,11 +646,13 @@ static epxResult_t cuda_init(epxComm_t comm, struct epxBootstrap *boot) {
                           sizeof(int) * (size_t)R * (size_t)comm->config.max_tokens_per_rank),
                "cudaMalloc (scratch)");
   {
-    size_t ints = epx_cuda_layout_scratch_ints(comm->config.num_experts, R, comm->ranks_per_node,
-                                               comm->config.max_tokens_per_rank);
-    if (ints)
+    size_t ints = epx_cuda_layout_scratch_ints(comm->config.num_experts, R, comm->ranks_per_node);
+    if (ints) {
       EPX_CUDA_TRY(cudaMalloc((void **)&cc->layout_scratch, sizeof(int) * ints),
                    "cudaMalloc (layout scratch)");
+      /* the layout kernel's accumulator starts at zero, and each call leaves it so */
+      EPX_CUDA_TRY(cudaMemset(cc->layout_scratch, 0, sizeof(int) * ints), "cudaMemset (layout scratch)");
+    }
   }
   EPX_CUDA_TRY(cudaMalloc((void **)&cc->state, sizeof(EpxCudaState)), "cudaMalloc (state)");
   if (cc->ll_enabled) {

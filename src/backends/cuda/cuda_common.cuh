@@ -971,17 +971,18 @@ typedef struct EpxLayoutParams {
   int topk_is_int64, num_tokens, num_topk;
   int *num_tokens_per_rank, *num_tokens_per_node, *num_tokens_per_expert;
   uint8_t *is_token_in_rank;
-  /* Per-block histograms, [blocks][bins] (epx_cuda_layout_scratch_ints), that
-   * the last block to finish sums into the outputs: no zeroing launches before
-   * the kernel. NULL: the outputs are zeroed first and every block adds into
-   * them with global atomics (more experts than shared memory holds). */
+  /* An accumulator of bins ints (epx_cuda_layout_scratch_ints), zero between
+   * calls: blocks add their histograms into it and the last block to finish
+   * moves it into the outputs: no zeroing launches before the kernel. NULL:
+   * the outputs are zeroed first and every block adds into them with global
+   * atomics (more experts than shared memory holds). */
   int *scratch;
 } EpxLayoutParams;
 
-/* Ints of the layout scratch for up to max_tokens tokens; 0 when the
- * histograms do not fit in shared memory (the kernel then counts in global
- * memory). One source of truth for the allocation and the launcher. */
-size_t epx_cuda_layout_scratch_ints(int num_experts, int nranks, int ranks_per_node, int max_tokens);
+/* Ints of the layout scratch (the accumulator); 0 when the histograms do not
+ * fit in shared memory (the kernel then counts in global memory). One source
+ * of truth for the allocation and the launcher. */
+size_t epx_cuda_layout_scratch_ints(int num_experts, int nranks, int ranks_per_node);
 
 /* Preloading (one per launcher file): loads every kernel the file launches on
  * the current device. With CUDA lazy loading (CUDA_MODULE_LOADING=LAZY, the
