@@ -71,6 +71,7 @@ typedef struct EpxCudaComm {
   int ll_enabled;           /* 0: LL ops answer epxNotSupported (ll_off_reason) */
   const char *ll_off_reason;
   int ll_blocks;            /* blocks of the LL kernels */
+  int ll_fused_blocks;      /* blocks of the fused LL kernels (half send, half receive) */
   int ll_variant;           /* EPX_CUDA_LL_VARIANT, read at init */
   EpxLLLayout ll_lay;
   char *ll_region;
@@ -606,12 +607,14 @@ static epxResult_t cuda_init(epxComm_t comm, struct epxBootstrap *boot) {
     /* LL kernels are latency-bound: spread them over every SM. */
     cc->ll_blocks = prop.multiProcessorCount;
     /* 1: a send kernel, then a receive kernel; 2 (default): send and receive
-     * fused into one launch when there is no hook (the fused grid, one block
-     * per SM, is co-resident). 2xH200, EP2, T=128, BF16 dispatch/combine:
-     * 1 = 31.9/50.0 us, 2 = 29.9/50.0 us. (0, one warp per message with no
-     * batched loads, was 58/57 us before it was dropped.) Variant 2 was 10x slower until the device waits
-     * stopped reading host memory every 64 polls: those PCIe reads queued in
-     * front of the system fences of the blocks still sending. */
+     * fused into one cooperative launch when there is no hook, send blocks
+     * and receive blocks side by side (ll_fused_blocks). 2xH200, EP2, T=128,
+     * BF16 dispatch/combine, when each block sent then received: 1 =
+     * 31.9/50.0 us, 2 = 29.9/50.0 us. (0, one warp per message with no
+     * batched loads, was 58/57 us before it was dropped.) Variant 2 was 10x
+     * slower until the device waits stopped reading host memory every 64
+     * polls: those PCIe reads queued in front of the system fences of the
+     * blocks still sending. */
     cc->ll_variant = (int)epx_param_int(EPX_PARAM_CUDA_LL_VARIANT);
     cc->trace = epx_param_int(EPX_PARAM_CUDA_TRACE) != 0;
     cc->pdl = epx_param_int(EPX_PARAM_CUDA_PDL) != 0;
@@ -631,6 +634,19 @@ static epxResult_t cuda_init(epxComm_t comm, struct epxBootstrap *boot) {
         cc->ll_off_reason = "num_experts is too large for the receive kernel's shared memory";
       else
         cc->ll_enabled = 1;
+      /* The fused grid: a send block and a receive block on every SM when
+       * two fit (all resident: a cooperative launch), else one per SM split
+       * in halves. */
+      if (cc->ll_enabled) {
+        size_t rsmem = (size_t)comm->num_local_experts * (size_t)R * 4;
+        int per_sm = 0;
+        EPX_CUDA_TRY(epx_cuda_ll_fused_blocks_per_sm(mask > rsmem ? mask : rsmem,
+                                                     sizeof(int) * ((size_t)comm->num_local_experts + 1),
+                                                     &per_sm),
+                     "sizing the fused low-latency kernels (occupancy)");
+        cc->ll_fused_blocks = (per_sm >= 2 ? 2 : 1) * cc->ll_blocks;
+        if (cc->ll_fused_blocks < 2) cc->ll_fused_blocks = 2;
+      }
     } else {
       cc->ll_off_reason = "config.ll_max_tokens_per_rank is 0";
     }
@@ -1276,7 +1292,7 @@ static epxResult_t cuda_ll_dispatch(epxComm_t comm, const epxCall_t *call,
     rp.h_layout_range = (long long *)h->ll_layout_range;
   }
   const int fused = cc->ll_variant >= 2 && (invalid || !a->return_recv_hook);
-  cudaError_t e = fused ? epx_cuda_launch_ll_dispatch_fused(&sp, &rp, cc->ll_blocks, st)
+  cudaError_t e = fused ? epx_cuda_launch_ll_dispatch_fused(&sp, &rp, cc->ll_fused_blocks, st)
                         : epx_cuda_launch_ll_dispatch_send(&sp, send_blocks, st);
   if (e != cudaSuccess) return ll_launch_failed(comm, e, "epxLowLatencyDispatch: send kernel launch");
   if (!fused && (invalid || !a->return_recv_hook)) {
@@ -1346,7 +1362,7 @@ static epxResult_t cuda_ll_combine(epxComm_t comm, const epxCall_t *call,
     rp.combined_x = combined_x;
   }
   const int fused = cc->ll_variant >= 2 && (invalid || !a->return_recv_hook);
-  cudaError_t e = fused ? epx_cuda_launch_ll_combine_fused(&sp, &rp, cc->ll_blocks, st)
+  cudaError_t e = fused ? epx_cuda_launch_ll_combine_fused(&sp, &rp, cc->ll_fused_blocks, st)
                         : epx_cuda_launch_ll_combine_send(&sp, cc->ll_blocks, st);
   if (e != cudaSuccess) return ll_launch_failed(comm, e, "epxLowLatencyCombine: send kernel launch");
   if (!fused && (invalid || !a->return_recv_hook)) {

@@ -443,7 +443,8 @@ static __device__ __forceinline__ void epx_trace(const EpxDevCtx &c, int op, int
   const unsigned long long now = (unsigned long long)epx_globaltimer();
   if (point == EPX_TRACE_RECV_START) c.state->trace_t1 = now;
   const unsigned long long base = point > EPX_TRACE_RECV_START ? c.state->trace_t1 : c.state->trace_t0;
-  c.state->trace_sum[epx_trace_kind(op)][point] += now - base;
+  /* a fused kernel's receive blocks may start before the send block 0 that sets trace_t0 */
+  c.state->trace_sum[epx_trace_kind(op)][point] += now > base ? now - base : 0ull;
 }
 
 /* End of a normal-mode data kernel block (every thread): with tracing on,
@@ -695,31 +696,45 @@ static __device__ int epx_ll_wait_slot_free(const EpxDevCtx &c, unsigned long lo
   return __syncthreads_and(ok);
 }
 
-/* Last-block pattern shared by the LL kernels: each block orders its global
- * writes (peer and local) before its increment of *counter by a system fence;
- * the block that makes the count reach gridDim.x has seen every increment (one
- * RMW chain) and returns 1 (to every thread of it) after resetting the counter
- * for the next kernel (stream order). */
-static __device__ int epx_ll_last_block(unsigned int *counter) {
+/* Which blocks do a role (send or receive) in an LL launch: a send or receive
+ * kernel gives the whole grid to its role; the fused kernel gives the first
+ * half of its grid to the send and the second half to the receive, side by
+ * side, so the receive blocks take messages while the send blocks still send.
+ * Role bodies use role.block / role.blocks, never blockIdx / gridDim. */
+typedef struct EpxLLRole {
+  int block, blocks;
+} EpxLLRole;
+
+static __device__ __forceinline__ EpxLLRole epx_ll_whole_grid(void) {
+  EpxLLRole r = {(int)blockIdx.x, (int)gridDim.x};
+  return r;
+}
+
+/* Last-block pattern shared by the LL kernels: each of the n blocks of a role
+ * orders its global writes (peer and local) before its increment of *counter
+ * by a system fence; the block that makes the count reach n has seen every
+ * increment (one RMW chain) and returns 1 (to every thread of it) after
+ * resetting the counter for the next kernel (stream order). */
+static __device__ int epx_ll_last_block(unsigned int *counter, int n) {
   __shared__ int s_last;
   __syncthreads();
   if (threadIdx.x == 0) {
     __threadfence_system();
     unsigned int prev = atomicAdd(counter, 1u);
-    s_last = prev == gridDim.x - 1;
+    s_last = prev == (unsigned int)n - 1;
     if (s_last) *counter = 0;
   }
   __syncthreads();
   return s_last;
 }
 
-/* The op number of an LL send kernel: every block reads e = ll_epoch + 1
- * first thing (epx_ll_read_epoch, thread 0), and at its end counts itself
- * (epx_ll_advance_epoch, thread 0; the fence orders the block's read before
- * its increment); the last block to count stores e back, for the next LL
- * kernel in stream order. Every block of the grid has read ll_epoch by then,
- * so the store cannot be seen early; counting at the end keeps the atomic off
- * the path to the first message. */
+/* The op number of an LL send or fused kernel: every block of the grid reads
+ * e = ll_epoch + 1 first thing (epx_ll_read_epoch, thread 0), and at its end
+ * counts itself (epx_ll_advance_epoch, thread 0; the fence orders the block's
+ * read before its increment); the last block to count stores e back, for the
+ * next LL kernel in stream order. Every block of the grid has read ll_epoch
+ * by then, so the store cannot be seen early; counting at the end keeps the
+ * atomic off the path to the first message. */
 static __device__ __forceinline__ unsigned long long epx_ll_read_epoch(const EpxDevCtx &c) {
   return c.state->ll_epoch + 1;
 }
@@ -729,6 +744,16 @@ static __device__ void epx_ll_advance_epoch(const EpxDevCtx &c, unsigned long lo
   if (atomicAdd(&c.state->ll_send_done, 1u) != gridDim.x - 1) return;
   c.state->ll_send_done = 0;
   c.state->ll_epoch = epoch;
+}
+
+/* Start of a receive-role block of a fused kernel: the op number the send
+ * blocks of the same grid read (ll_epoch + 1: no block of the grid advances
+ * it before every block has read it), or 0 after a sticky fatal error. */
+static __device__ unsigned long long epx_ll_begin_receive(const EpxDevCtx &c) {
+  __shared__ unsigned long long s_epoch;
+  if (threadIdx.x == 0) s_epoch = epx_ll_fatal(c) ? 0ull : epx_ll_read_epoch(c);
+  __syncthreads();
+  return s_epoch;
 }
 
 /* After the headers of op e are written (by the whole block): thread r
@@ -743,12 +768,12 @@ static __device__ void epx_ll_post_headers(const EpxDevCtx &c, unsigned long lon
 
 /* EPX_CUDA_TRACE: the last block of an LL send kernel to finish records
  * SEND_SIGNALS (every message and flag written). */
-static __device__ void epx_ll_trace_send_done(const EpxDevCtx &c, int op) {
+static __device__ void epx_ll_trace_send_done(const EpxDevCtx &c, int op, EpxLLRole role) {
   if (!c.trace) return;
   __syncthreads();
   if (threadIdx.x != 0) return;
   __threadfence();
-  if (atomicAdd(&c.state->trace_done[0], 1u) != gridDim.x - 1) return;
+  if (atomicAdd(&c.state->trace_done[0], 1u) != (unsigned int)role.blocks - 1) return;
   c.state->trace_done[0] = 0;
   epx_trace(c, op, EPX_TRACE_SEND_SIGNALS);
 }
@@ -794,25 +819,26 @@ static __device__ int epx_ll_wait_flag(const EpxDevCtx &c, const unsigned long l
  * with the release in epx_ll_post_signals on s); the barrier then orders every
  * thread's reads of the messages after it. */
 static __device__ int epx_ll_wait_signals(const EpxDevCtx &c, unsigned long long epoch, int op,
-                                          unsigned long long seq) {
+                                          unsigned long long seq, EpxLLRole role) {
   __shared__ int s_ok;
   if (threadIdx.x == 0) s_ok = 1;
   __syncthreads();
-  if (blockIdx.x == 0 && threadIdx.x == 0) epx_trace(c, op, EPX_TRACE_RECV_START);
+  if (role.block == 0 && threadIdx.x == 0) epx_trace(c, op, EPX_TRACE_RECV_START);
   if ((int)threadIdx.x < c.nranks) {
     const unsigned long long *sig = epx_ll_sig(c, c.ll_peers[c.rank], threadIdx.x);
     if (!epx_wait_epoch(c, sig, epoch, op, EPX_PHASE_LL_SIGNAL, threadIdx.x, seq)) s_ok = 0;
   }
   __syncthreads();
-  if (blockIdx.x == 0 && threadIdx.x == 0 && s_ok) epx_trace(c, op, EPX_TRACE_RECV_SIGNALS);
+  if (role.block == 0 && threadIdx.x == 0 && s_ok) epx_trace(c, op, EPX_TRACE_RECV_SIGNALS);
   return s_ok;
 }
 
 /* End of an LL receive kernel: once every block has read its messages, the
  * last block's thread s release-stores ack[me] = epoch in source s. Pairs
  * with the acquire in epx_ll_wait_slot_free on s. */
-static __device__ void epx_ll_post_acks(const EpxDevCtx &c, unsigned long long epoch, int op) {
-  if (!epx_ll_last_block(&c.state->ll_recv_done)) return;
+static __device__ void epx_ll_post_acks(const EpxDevCtx &c, unsigned long long epoch, int op,
+                                        EpxLLRole role) {
+  if (!epx_ll_last_block(&c.state->ll_recv_done, role.blocks)) return;
   if (threadIdx.x == 32) epx_trace(c, op, EPX_TRACE_RECV_END);
   if ((int)threadIdx.x < c.nranks) {
     __threadfence_system();
@@ -1079,12 +1105,18 @@ cudaError_t epx_cuda_launch_ll_combine_send(const EpxLLCombineSendParams *p, int
                                             cudaStream_t stream);
 cudaError_t epx_cuda_launch_ll_combine_recv(const EpxLLCombineRecvParams *p, int blocks,
                                             cudaStream_t stream);
-/* Send and receive in one launch (no receive hook): every block sends its
- * share, then receives. Launched cooperatively: a block waiting for messages
- * holds its SM, so every block must be resident (blocks <= SMs). */
+/* Send and receive in one launch (no receive hook): the first half of the
+ * blocks sends, the second half receives. Launched cooperatively: a block
+ * waiting for messages holds its SM, so every block must be resident (see
+ * epx_cuda_ll_fused_blocks_per_sm). */
 cudaError_t epx_cuda_launch_ll_dispatch_fused(const EpxLLDispatchSendParams *sp,
                                               const EpxLLDispatchRecvParams *rp, int blocks,
                                               cudaStream_t stream);
+/* How many blocks of each fused kernel fit on one SM at once with `smem`
+ * bytes of dynamic shared memory (the lower of the two); the fused grid is
+ * that many per SM, at most 2. */
+cudaError_t epx_cuda_ll_fused_blocks_per_sm(size_t dispatch_smem, size_t combine_smem, int *per_sm);
+cudaError_t epx_cuda_ll_combine_fused_occupancy(size_t smem, int *per_sm);
 cudaError_t epx_cuda_launch_ll_combine_fused(const EpxLLCombineSendParams *sp,
                                              const EpxLLCombineRecvParams *rp, int blocks,
                                              cudaStream_t stream);

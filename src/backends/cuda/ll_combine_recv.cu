@@ -17,7 +17,7 @@ __global__ void __launch_bounds__(EPX_LL_THREADS, 1)
   }
   __syncthreads();
   if (s_fatal) return;
-  epx_ll_combine_recv_body(p, s_epoch);
+  epx_ll_combine_recv_body(p, s_epoch, epx_ll_whole_grid());
 }
 
 cudaError_t epx_cuda_preload_ll_combine_recv(void) {

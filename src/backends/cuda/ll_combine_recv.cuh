@@ -30,7 +30,7 @@ static __device__ __forceinline__ int4 epx_ll_pack_bf16x8(const float f[8]) {
 }
 
 static __device__ void epx_ll_combine_recv_body(const EpxLLCombineRecvParams &p,
-                                                unsigned long long epoch) {
+                                                unsigned long long epoch, EpxLLRole role) {
   const EpxDevCtx &c = p.ctx;
   const int R = c.nranks, me = c.rank;
   __shared__ int s_status, s_bad, s_bad_token;
@@ -53,7 +53,7 @@ static __device__ void epx_ll_combine_recv_body(const EpxLLCombineRecvParams &p,
       s_bad_token = i / K;
     }
   }
-  if (!epx_ll_wait_signals(c, epoch, EPX_OP_LL_COMBINE, p.seq)) return;
+  if (!epx_ll_wait_signals(c, epoch, EPX_OP_LL_COMBINE, p.seq, role)) return;
   char *slot = epx_ll_slot(c, c.ll_peers[me], epoch);
 
   if ((int)threadIdx.x < R) {
@@ -82,7 +82,7 @@ static __device__ void epx_ll_combine_recv_body(const EpxLLCombineRecvParams &p,
       if (prio > best_prio) best = s, best_prio = prio;
     }
     int status = p.invalid ? epxInvalidArgument : s_code[best];
-    if (!p.invalid && blockIdx.x == 0) {
+    if (!p.invalid && role.block == 0) {
       if (status != 0)
         epx_record_error(c, status, EPX_OP_LL_COMBINE, EPX_PHASE_CHECK, best, s_field[best],
                          s_mine[best], s_theirs[best], p.seq);
@@ -102,8 +102,8 @@ static __device__ void epx_ll_combine_recv_body(const EpxLLCombineRecvParams &p,
     const int lane = threadIdx.x % 32;
     const int nvec = p.hidden / 8;
     const int chunks = (nvec + 31) / 32;
-    const int warps = gridDim.x * EPX_LL_WARPS;
-    const int warp = blockIdx.x * EPX_LL_WARPS + (int)threadIdx.x / 32;
+    const int warps = role.blocks * EPX_LL_WARPS;
+    const int warp = role.block * EPX_LL_WARPS + (int)threadIdx.x / 32;
     const int piece = epx_ll_combine_piece_vectors(nvec, c.ll_pieces);
     const int items = T * chunks, per_warp = (items + warps - 1) / warps;
     const int i_end = min(items, (warp + 1) * per_warp);
@@ -163,8 +163,8 @@ static __device__ void epx_ll_combine_recv_body(const EpxLLCombineRecvParams &p,
     }
   }
   if (__syncthreads_or(!reduced)) return; /* a wait failed: no ack, the op is over */
-  if (blockIdx.x == 0 && threadIdx.x == 0) epx_trace(c, EPX_OP_LL_COMBINE, EPX_TRACE_RECV_BLOCK0);
-  epx_ll_post_acks(c, epoch, EPX_OP_LL_COMBINE);
+  if (role.block == 0 && threadIdx.x == 0) epx_trace(c, EPX_OP_LL_COMBINE, EPX_TRACE_RECV_BLOCK0);
+  epx_ll_post_acks(c, epoch, EPX_OP_LL_COMBINE, role);
 }
 
 

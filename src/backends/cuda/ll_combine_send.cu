@@ -19,7 +19,8 @@
 #define EPX_LL_CSEND_UNROLL 8
 
 /* The send half; returns the op number, or 0 when this block must stop. */
-static __device__ unsigned long long epx_ll_combine_send_body(const EpxLLCombineSendParams &p) {
+static __device__ unsigned long long epx_ll_combine_send_body(const EpxLLCombineSendParams &p,
+                                                              EpxLLRole role) {
   extern __shared__ int s_prefix[]; /* [E_local + 1]: exclusive prefix of the valid rows */
   const EpxDevCtx &c = p.ctx;
   const int R = c.nranks, El = c.num_local_experts, me = c.rank;
@@ -30,7 +31,7 @@ static __device__ unsigned long long epx_ll_combine_send_body(const EpxLLCombine
   const unsigned long long ack_peek = epx_ll_peek_ack(c);
   if (threadIdx.x == 0) {
     s_fatal = epx_ll_fatal(c);
-    if (blockIdx.x == 0) epx_trace_start(c, EPX_OP_LL_COMBINE);
+    if (role.block == 0) epx_trace_start(c, EPX_OP_LL_COMBINE);
     s_epoch = epx_ll_read_epoch(c);
     if (!p.invalid) {
       int acc = 0;
@@ -44,12 +45,12 @@ static __device__ unsigned long long epx_ll_combine_send_body(const EpxLLCombine
   __syncthreads();
   if (s_fatal) return 0;
   const unsigned long long epoch = s_epoch;
-  if (blockIdx.x == 0 && threadIdx.x == 0 && p.handle_epoch) *p.handle_epoch = epoch;
-  if (blockIdx.x == 0 && threadIdx.x == 0) epx_trace(c, EPX_OP_LL_COMBINE, EPX_TRACE_SEND_PREP);
+  if (role.block == 0 && threadIdx.x == 0 && p.handle_epoch) *p.handle_epoch = epoch;
+  if (role.block == 0 && threadIdx.x == 0) epx_trace(c, EPX_OP_LL_COMBINE, EPX_TRACE_SEND_PREP);
   if (!epx_ll_wait_slot_free(c, epoch, EPX_OP_LL_COMBINE, p.seq, ack_peek)) return 0;
-  if (blockIdx.x == 0 && threadIdx.x == 0) epx_trace(c, EPX_OP_LL_COMBINE, EPX_TRACE_SEND_SLOT);
+  if (role.block == 0 && threadIdx.x == 0) epx_trace(c, EPX_OP_LL_COMBINE, EPX_TRACE_SEND_SLOT);
 
-  if (blockIdx.x == 0 && (int)threadIdx.x < R) {
+  if (role.block == 0 && (int)threadIdx.x < R) {
     const int r = threadIdx.x;
     EpxLLHeader *h = epx_ll_hdr(c, epx_ll_slot(c, c.ll_peers[r], epoch), me);
     h->epoch = epoch;
@@ -64,7 +65,7 @@ static __device__ unsigned long long epx_ll_combine_send_body(const EpxLLCombine
     h->bad_id = 0;
     h->bad_token = -1;
   }
-  if (blockIdx.x == 0) {
+  if (role.block == 0) {
     epx_ll_post_headers(c, epoch);
     if (threadIdx.x == 0) epx_trace(c, EPX_OP_LL_COMBINE, EPX_TRACE_SEND_HEADER);
   }
@@ -78,11 +79,11 @@ static __device__ unsigned long long epx_ll_combine_send_body(const EpxLLCombine
     const int nvec = p.hidden / 8;
     const size_t xrow = (size_t)p.hidden * 2;
     const int total = s_prefix[El];
-    const int warps = gridDim.x * EPX_LL_WARPS;
+    const int warps = role.blocks * EPX_LL_WARPS;
     const int per_round = 32 * EPX_LL_CSEND_UNROLL;
     const int pieces = c.ll_pieces;
     const int piece = epx_ll_combine_piece_vectors(nvec, pieces);
-    for (int i = blockIdx.x * EPX_LL_WARPS + (int)threadIdx.x / 32; i < total * pieces; i += warps) {
+    for (int i = role.block * EPX_LL_WARPS + (int)threadIdx.x / 32; i < total * pieces; i += warps) {
       const int q = i % pieces, ri = i / pieces;
       const int v_lo = q * piece, v_hi = min(nvec, v_lo + piece);
       if (v_lo >= nvec) continue; /* an empty piece: no receiver waits for it */
@@ -122,11 +123,10 @@ static __device__ unsigned long long epx_ll_combine_send_body(const EpxLLCombine
                            epx_ll_flag_value(epoch, 1));
     }
   }
-  if (threadIdx.x == 0 && blockIdx.x == 0) epx_trace(c, EPX_OP_LL_COMBINE, EPX_TRACE_SEND_BLOCK0);
-  if (threadIdx.x == 0 && blockIdx.x == gridDim.x - 1 && gridDim.x > 1)
+  if (threadIdx.x == 0 && role.block == 0) epx_trace(c, EPX_OP_LL_COMBINE, EPX_TRACE_SEND_BLOCK0);
+  if (threadIdx.x == 0 && role.block == role.blocks - 1 && role.blocks > 1)
     epx_trace(c, EPX_OP_LL_COMBINE, EPX_TRACE_SEND_BLOCKN);
-  epx_ll_advance_epoch(c, epoch);
-  epx_ll_trace_send_done(c, EPX_OP_LL_COMBINE);
+  epx_ll_trace_send_done(c, EPX_OP_LL_COMBINE, role);
   return epoch;
 }
 
@@ -134,21 +134,41 @@ __global__ void __launch_bounds__(EPX_LL_THREADS, 1)
     epx_ll_combine_send_kernel(EpxLLCombineSendParams p) {
   epx_wait_prior_grid(); /* PDL: the previous kernel's writes are visible from here */
   epx_allow_dependents();
-  epx_ll_combine_send_body(p);
+  const unsigned long long epoch = epx_ll_combine_send_body(p, epx_ll_whole_grid());
+  if (epoch) epx_ll_advance_epoch(p.ctx, epoch);
 }
 
-/* Send, then receive, in one launch (variant 2, no hook). */
-__global__ void __launch_bounds__(EPX_LL_THREADS, 1)
+/* Send and receive in one launch (variant 2, no hook): the first half of the
+ * grid sends, the second half reduces rows as their flags land (see the
+ * dispatch's fused kernel). Launched cooperatively: every block is resident. */
+__global__ void __launch_bounds__(EPX_LL_THREADS, 2)
     epx_ll_combine_fused_kernel(EpxLLCombineSendParams sp, EpxLLCombineRecvParams rp) {
-  const unsigned long long epoch = epx_ll_combine_send_body(sp);
-  if (epoch == 0) return;
-  __syncthreads(); /* s_prefix (dynamic shared memory) is dead from here */
-  epx_ll_combine_recv_body(rp, epoch);
+  const int senders = (int)gridDim.x / 2;
+  unsigned long long epoch;
+  if ((int)blockIdx.x < senders) {
+    EpxLLRole role = {(int)blockIdx.x, senders};
+    epoch = epx_ll_combine_send_body(sp, role);
+  } else {
+    EpxLLRole role = {(int)blockIdx.x - senders, (int)gridDim.x - senders};
+    epoch = epx_ll_begin_receive(rp.ctx);
+    if (epoch) epx_ll_combine_recv_body(rp, epoch, role);
+  }
+  if (epoch) epx_ll_advance_epoch(sp.ctx, epoch);
 }
 
 cudaError_t epx_cuda_preload_ll_combine_send(void) {
   cudaError_t e = epx_preload(epx_ll_combine_send_kernel);
   return e != cudaSuccess ? e : epx_preload(epx_ll_combine_fused_kernel);
+}
+
+cudaError_t epx_cuda_ll_combine_fused_occupancy(size_t smem, int *per_sm) {
+  if (smem > 48 * 1024) {
+    cudaError_t err = cudaFuncSetAttribute(epx_ll_combine_fused_kernel,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (err != cudaSuccess) return err;
+  }
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, epx_ll_combine_fused_kernel,
+                                                       EPX_LL_THREADS, smem);
 }
 
 cudaError_t epx_cuda_launch_ll_combine_fused(const EpxLLCombineSendParams *sp,

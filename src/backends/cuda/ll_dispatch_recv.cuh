@@ -33,8 +33,8 @@
  * __match_any_sync over the meta ids; lanes >= K get distinct non-expert
  * values, so a row's kmask bits are exactly the top-k slots naming it). */
 static __device__ int epx_ll_dispatch_place_chunked(const EpxLLDispatchRecvParams &p,
-                                                    unsigned long long epoch, char *slot,
-                                                    const int *s_first, const int *s_T,
+                                                    unsigned long long epoch, EpxLLRole role,
+                                                    char *slot, const int *s_first, const int *s_T,
                                                     size_t xrow, size_t srow) {
   const EpxDevCtx &c = p.ctx;
   const int R = c.nranks, El = c.num_local_experts, me = c.rank;
@@ -42,7 +42,7 @@ static __device__ int epx_ll_dispatch_place_chunked(const EpxLLDispatchRecvParam
   const long long rpe = epx_ll_rows_per_expert(R, llT);
   const int lane = threadIdx.x % 32, K = p.num_topk;
   const int lo = me * El, hi = lo + El;
-  const int warps = gridDim.x * EPX_LL_WARPS;
+  const int warps = role.blocks * EPX_LL_WARPS;
   const int nvec = (int)(xrow / 16);
   const int per_round = 32 * EPX_LL_RECV_UNROLL;
   /* chunks per message: enough items for every warp, each chunk at least one round */
@@ -52,7 +52,7 @@ static __device__ int epx_ll_dispatch_place_chunked(const EpxLLDispatchRecvParam
   if (Q < 1) Q = 1;
   const int chunk = ((nvec + Q - 1) / Q + 31) / 32 * 32;
   const int items = R * llT * Q;
-  for (int i = blockIdx.x * EPX_LL_WARPS + (int)threadIdx.x / 32; i < items; i += warps) {
+  for (int i = role.block * EPX_LL_WARPS + (int)threadIdx.x / 32; i < items; i += warps) {
     const int q = i % Q, m = i / Q;
     const int s = m / llT, t = m % llT;
     if (t >= s_T[s]) continue;
@@ -131,7 +131,7 @@ static __device__ int epx_ll_dispatch_place_chunked(const EpxLLDispatchRecvParam
 }
 
 static __device__ void epx_ll_dispatch_recv_body(const EpxLLDispatchRecvParams &p,
-                                                 unsigned long long epoch) {
+                                                 unsigned long long epoch, EpxLLRole role) {
   extern __shared__ int s_first[]; /* [E_local][R]: first row of (expert, source) */
   const EpxDevCtx &c = p.ctx;
   const int R = c.nranks, El = c.num_local_experts, me = c.rank;
@@ -142,7 +142,7 @@ static __device__ void epx_ll_dispatch_recv_body(const EpxLLDispatchRecvParams &
   __shared__ int s_code[EPX_CUDA_MAX_RANKS], s_field[EPX_CUDA_MAX_RANKS];
   __shared__ long long s_mine[EPX_CUDA_MAX_RANKS], s_theirs[EPX_CUDA_MAX_RANKS];
 
-  if (!epx_ll_wait_signals(c, epoch, EPX_OP_LL_DISPATCH, p.seq)) return;
+  if (!epx_ll_wait_signals(c, epoch, EPX_OP_LL_DISPATCH, p.seq, role)) return;
   char *slot = epx_ll_slot(c, c.ll_peers[me], epoch);
 
   /* ---- headers (thread s <- source s) ---- */
@@ -189,7 +189,7 @@ static __device__ void epx_ll_dispatch_recv_body(const EpxLLDispatchRecvParams &
     }
     s_status = p.invalid ? epxInvalidArgument : s_code[best];
     /* The invalid rank's host call already returned epxInvalidArgument. */
-    if (!p.invalid && s_status != 0 && blockIdx.x == 0)
+    if (!p.invalid && s_status != 0 && role.block == 0)
       epx_record_error(c, s_status, EPX_OP_LL_DISPATCH, EPX_PHASE_CHECK, best, s_field[best],
                        s_mine[best], s_theirs[best], p.seq);
   }
@@ -203,14 +203,14 @@ static __device__ void epx_ll_dispatch_recv_body(const EpxLLDispatchRecvParams &
       for (int s = 0; s < R; ++s) {
         const int n = ((const int *)(epx_ll_hdr(c, slot, s) + 1))[j];
         s_first[j * R + s] = acc;
-        if (blockIdx.x == 0) {
+        if (role.block == 0) {
           const long long range = epx_ll_range_pack(acc, n);
           p.h_layout_range[(size_t)j * R + s] = range;
           if (p.recv_layout_range) p.recv_layout_range[(size_t)j * R + s] = range;
         }
         acc += n;
       }
-      if (blockIdx.x == 0) {
+      if (role.block == 0) {
         p.recv_count[j] = acc;
         p.h_recv_count[j] = acc;
         if (p.stats) p.stats[j] += acc;
@@ -221,11 +221,11 @@ static __device__ void epx_ll_dispatch_recv_body(const EpxLLDispatchRecvParams &
     /* ---- messages: (source, token, row chunk) per warp ---- */
     const size_t xrow = epx_payload_row_bytes(p.hidden, p.fp8);
     const size_t srow = p.fp8 ? epx_scale_row_bytes(p.hidden, p.ue8m0 ? 2 : 1) : 0;
-    placed = epx_ll_dispatch_place_chunked(p, epoch, slot, s_first, s_T, xrow, srow);
+    placed = epx_ll_dispatch_place_chunked(p, epoch, role, slot, s_first, s_T, xrow, srow);
   }
   if (__syncthreads_or(!placed)) return; /* a wait failed: no ack, the op is over */
-  if (blockIdx.x == 0 && threadIdx.x == 0) epx_trace(c, EPX_OP_LL_DISPATCH, EPX_TRACE_RECV_BLOCK0);
-  epx_ll_post_acks(c, epoch, EPX_OP_LL_DISPATCH);
+  if (role.block == 0 && threadIdx.x == 0) epx_trace(c, EPX_OP_LL_DISPATCH, EPX_TRACE_RECV_BLOCK0);
+  epx_ll_post_acks(c, epoch, EPX_OP_LL_DISPATCH, role);
 }
 
 

@@ -10,11 +10,13 @@
  *   - pos(t, e): how many of this rank's tokens before t name e (sent in the
  *     message meta), so the receiver places the token at
  *     first_row(e, me) + pos(t, e): sources ascending, tokens ascending.
- * Each block then takes tokens t = blockIdx.x, + gridDim.x, ...: BF16 rows are
+ * Block 0 of the send role writes the headers and posts them at once; the
+ * other blocks b take tokens t = b - 1, + (blocks - 1), ...: BF16 rows are
  * copied 16 bytes a thread; FP8 rows are cast here, a half-warp per 128-channel
  * group, with the same per-group functions as the host (epx_fp8_group_scale,
- * epx_fp8_quantize, epx_ue8m0_from_scale), so the bytes are identical.
- * Ids outside [-1, E) fail the call on every rank (header flag) and steer no write.
+ * epx_fp8_quantize, epx_ue8m0_from_scale), so the bytes are identical. After
+ * each token, its flag goes to every destination. Ids outside [-1, E) fail
+ * the call on every rank (header flag) and steer no write.
  */
 #include "backends/cuda/ll_dispatch_recv.cuh"
 
@@ -128,9 +130,10 @@ static __device__ __forceinline__ void epx_ll_prefetch_row(const void *row, size
 }
 
 /* The send half; returns the op number, or 0 when this block must stop
- * (sticky fatal error, failed wait). Block 0 writes the headers and posts
- * them; the tokens go to the other blocks (all blocks when there is one). */
-static __device__ unsigned long long epx_ll_dispatch_send_body(const EpxLLDispatchSendParams &p) {
+ * (sticky fatal error, failed wait). Role block 0 writes the headers and
+ * posts them; the tokens go to the other blocks (all when there is one). */
+static __device__ unsigned long long epx_ll_dispatch_send_body(const EpxLLDispatchSendParams &p,
+                                                               EpxLLRole role) {
   extern __shared__ unsigned int s_mask[]; /* [E][W]: bit t of row e = token t names expert e */
   const EpxDevCtx &c = p.ctx;
   const int R = c.nranks, El = c.num_local_experts, E = c.num_experts, me = c.rank;
@@ -142,15 +145,15 @@ static __device__ unsigned long long epx_ll_dispatch_send_body(const EpxLLDispat
   const int T = p.invalid ? 0 : p.num_tokens;
   const int K = p.invalid ? 0 : p.num_topk;
   const int W = (T + 31) / 32;
-  const int token_block0 = gridDim.x > 1 ? 1 : 0;
-  const int token_blocks = (int)gridDim.x - token_block0;
-  const int first_token = (int)blockIdx.x - token_block0; /* -1: the header block */
+  const int token_block0 = role.blocks > 1 ? 1 : 0;
+  const int token_blocks = role.blocks - token_block0;
+  const int first_token = role.block - token_block0; /* -1: the header block */
   if (first_token >= 0 && first_token < T)
     epx_ll_prefetch_row((const char *)p.x + (size_t)first_token * p.hidden * 2, (size_t)p.hidden * 2);
   const unsigned long long ack_peek = epx_ll_peek_ack(c);
   if (threadIdx.x == 0) {
     s_fatal = epx_ll_fatal(c);
-    if (blockIdx.x == 0) epx_trace_start(c, EPX_OP_LL_DISPATCH);
+    if (role.block == 0) epx_trace_start(c, EPX_OP_LL_DISPATCH);
     s_epoch = epx_ll_read_epoch(c);
     s_bad = 0;
     s_bad_id = 0;
@@ -160,7 +163,7 @@ static __device__ unsigned long long epx_ll_dispatch_send_body(const EpxLLDispat
   __syncthreads();
   if (s_fatal) return 0;
   const unsigned long long epoch = s_epoch;
-  if (blockIdx.x == 0 && threadIdx.x == 0 && p.handle_epoch) *p.handle_epoch = epoch;
+  if (role.block == 0 && threadIdx.x == 0 && p.handle_epoch) *p.handle_epoch = epoch;
 
   /* ---- token bitmasks per expert; id range check (each thread loads a
    * batch of ids before its shared-memory atomics, so the loads overlap) ---- */
@@ -187,17 +190,17 @@ static __device__ unsigned long long epx_ll_dispatch_send_body(const EpxLLDispat
   }
   __syncthreads();
   const int sending = !p.invalid && !s_bad;
-  if (blockIdx.x == 0 && threadIdx.x == 0) epx_trace(c, EPX_OP_LL_DISPATCH, EPX_TRACE_SEND_PREP);
+  if (role.block == 0 && threadIdx.x == 0) epx_trace(c, EPX_OP_LL_DISPATCH, EPX_TRACE_SEND_PREP);
 
   /* ---- slot e % 2 of every destination must be free (op e - 2 read) ---- */
   if (!epx_ll_wait_slot_free(c, epoch, EPX_OP_LL_DISPATCH, p.seq, ack_peek)) return 0;
-  if (blockIdx.x == 0 && threadIdx.x == 0) epx_trace(c, EPX_OP_LL_DISPATCH, EPX_TRACE_SEND_SLOT);
+  if (role.block == 0 && threadIdx.x == 0) epx_trace(c, EPX_OP_LL_DISPATCH, EPX_TRACE_SEND_SLOT);
 
   /* ---- headers: block 0; thread r writes destination r's fields, and the
    * R x E_local counts are spread over the whole block (one thread writing a
    * destination's 128-odd counts one after another took ~20 us on H200);
    * then sig[me] = e in every destination, ahead of the messages ---- */
-  if (blockIdx.x == 0) {
+  if (role.block == 0) {
     if ((int)threadIdx.x < R) {
       const int r = threadIdx.x;
       EpxLLHeader *h = epx_ll_hdr(c, epx_ll_slot(c, c.ll_peers[r], epoch), me);
@@ -273,12 +276,11 @@ static __device__ unsigned long long epx_ll_dispatch_send_body(const EpxLLDispat
       }
     }
   }
-  if (threadIdx.x == 0 && blockIdx.x == token_block0)
+  if (threadIdx.x == 0 && role.block == token_block0)
     epx_trace(c, EPX_OP_LL_DISPATCH, EPX_TRACE_SEND_BLOCK0);
-  if (threadIdx.x == 0 && blockIdx.x == gridDim.x - 1 && gridDim.x > 1)
+  if (threadIdx.x == 0 && role.block == role.blocks - 1 && role.blocks > 1)
     epx_trace(c, EPX_OP_LL_DISPATCH, EPX_TRACE_SEND_BLOCKN);
-  epx_ll_advance_epoch(c, epoch);
-  epx_ll_trace_send_done(c, EPX_OP_LL_DISPATCH);
+  epx_ll_trace_send_done(c, EPX_OP_LL_DISPATCH, role);
   return epoch;
 }
 
@@ -286,19 +288,27 @@ __global__ void __launch_bounds__(EPX_LL_THREADS, 1)
     epx_ll_dispatch_send_kernel(EpxLLDispatchSendParams p) {
   epx_wait_prior_grid(); /* PDL: the previous kernel's writes are visible from here */
   epx_allow_dependents();
-  epx_ll_dispatch_send_body(p);
+  const unsigned long long epoch = epx_ll_dispatch_send_body(p, epx_ll_whole_grid());
+  if (epoch) epx_ll_advance_epoch(p.ctx, epoch);
 }
 
-/* Send, then receive, in one launch (variant 2, no hook): the receive half of
- * each block starts as soon as the signals are in, without a kernel boundary.
- * Dynamic shared memory is reused: the send's bitmasks are dead once its
- * signals are posted (epx_ll_post_signals ends with a block barrier). */
-__global__ void __launch_bounds__(EPX_LL_THREADS, 1)
+/* Send and receive in one launch (variant 2, no hook): the first half of the
+ * grid sends, the second half receives at the same time (one block of each
+ * on an SM), taking each message as its flag lands, without a kernel
+ * boundary. Launched cooperatively: every block is resident. */
+__global__ void __launch_bounds__(EPX_LL_THREADS, 2)
     epx_ll_dispatch_fused_kernel(EpxLLDispatchSendParams sp, EpxLLDispatchRecvParams rp) {
-  const unsigned long long epoch = epx_ll_dispatch_send_body(sp);
-  if (epoch == 0) return;
-  __syncthreads();
-  epx_ll_dispatch_recv_body(rp, epoch);
+  const int senders = (int)gridDim.x / 2;
+  unsigned long long epoch;
+  if ((int)blockIdx.x < senders) {
+    EpxLLRole role = {(int)blockIdx.x, senders};
+    epoch = epx_ll_dispatch_send_body(sp, role);
+  } else {
+    EpxLLRole role = {(int)blockIdx.x - senders, (int)gridDim.x - senders};
+    epoch = epx_ll_begin_receive(rp.ctx);
+    if (epoch) epx_ll_dispatch_recv_body(rp, epoch, role);
+  }
+  if (epoch) epx_ll_advance_epoch(sp.ctx, epoch);
 }
 
 cudaError_t epx_cuda_preload_ll_dispatch_send(void) {
@@ -306,18 +316,38 @@ cudaError_t epx_cuda_preload_ll_dispatch_send(void) {
   return e != cudaSuccess ? e : epx_preload(epx_ll_dispatch_fused_kernel);
 }
 
+/* Dynamic shared memory of the fused dispatch kernel: the send blocks' bitmasks
+ * or the receive blocks' first rows, whichever is larger. */
+static size_t epx_ll_dispatch_fused_smem(const EpxDevCtx &c, int num_tokens) {
+  size_t smem = epx_cuda_ll_mask_bytes(c.num_experts, num_tokens);
+  size_t rsmem = sizeof(int) * (size_t)c.num_local_experts * (size_t)c.nranks;
+  return rsmem > smem ? rsmem : smem;
+}
+
+static cudaError_t epx_ll_allow_smem(void (*kernel)(EpxLLDispatchSendParams, EpxLLDispatchRecvParams),
+                                     size_t smem) {
+  if (smem <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+}
+
+cudaError_t epx_cuda_ll_fused_blocks_per_sm(size_t dispatch_smem, size_t combine_smem, int *per_sm) {
+  int d = 0, c = 0;
+  cudaError_t e = epx_ll_allow_smem(epx_ll_dispatch_fused_kernel, dispatch_smem);
+  if (e == cudaSuccess)
+    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&d, epx_ll_dispatch_fused_kernel, EPX_LL_THREADS,
+                                                      dispatch_smem);
+  if (e == cudaSuccess) e = epx_cuda_ll_combine_fused_occupancy(combine_smem, &c);
+  if (e != cudaSuccess) return e;
+  *per_sm = d < c ? d : c;
+  return cudaSuccess;
+}
+
 cudaError_t epx_cuda_launch_ll_dispatch_fused(const EpxLLDispatchSendParams *sp,
                                               const EpxLLDispatchRecvParams *rp, int blocks,
                                               cudaStream_t stream) {
-  int T = sp->invalid ? 0 : sp->num_tokens;
-  size_t smem = epx_cuda_ll_mask_bytes(sp->ctx.num_experts, T);
-  size_t rsmem = sizeof(int) * (size_t)rp->ctx.num_local_experts * (size_t)rp->ctx.nranks;
-  if (rsmem > smem) smem = rsmem;
-  if (smem > 48 * 1024) {
-    cudaError_t err = cudaFuncSetAttribute(epx_ll_dispatch_fused_kernel,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    if (err != cudaSuccess) return err;
-  }
+  const size_t smem = epx_ll_dispatch_fused_smem(sp->ctx, sp->invalid ? 0 : sp->num_tokens);
+  cudaError_t err = epx_ll_allow_smem(epx_ll_dispatch_fused_kernel, smem);
+  if (err != cudaSuccess) return err;
   return epx_launch_ex(epx_ll_dispatch_fused_kernel, 0, 1, blocks, EPX_LL_THREADS, smem, stream, *sp, *rp);
 }
 
