@@ -756,6 +756,27 @@ static __device__ unsigned long long epx_ll_begin_receive(const EpxDevCtx &c) {
   return s_epoch;
 }
 
+/* Body of a fused LL kernel: the first half of the grid runs Send, the second
+ * half runs Recv at the same time (one block of each on an SM); every block
+ * reads the op number first and counts itself at its end. */
+template <typename SendParams, typename RecvParams,
+          unsigned long long (*Send)(const SendParams &, EpxLLRole),
+          void (*Recv)(const RecvParams &, unsigned long long, EpxLLRole)>
+static __device__ void epx_ll_fused_roles(const EpxDevCtx &c, const SendParams &sp,
+                                          const RecvParams &rp) {
+  const int senders = (int)gridDim.x / 2;
+  unsigned long long epoch;
+  if ((int)blockIdx.x < senders) {
+    const EpxLLRole role = {(int)blockIdx.x, senders};
+    epoch = Send(sp, role);
+  } else {
+    const EpxLLRole role = {(int)blockIdx.x - senders, (int)gridDim.x - senders};
+    epoch = epx_ll_begin_receive(c);
+    if (epoch) Recv(rp, epoch, role);
+  }
+  if (epoch) epx_ll_advance_epoch(c, epoch);
+}
+
 /* After the headers of op e are written (by the whole block): thread r
  * release-stores sig[me] = e in destination r. The barrier and the release
  * order every thread's header writes before it. Pairs with the acquire in

@@ -143,17 +143,8 @@ __global__ void __launch_bounds__(EPX_LL_THREADS, 1)
  * dispatch's fused kernel). Launched cooperatively: every block is resident. */
 __global__ void __launch_bounds__(EPX_LL_THREADS, 2)
     epx_ll_combine_fused_kernel(EpxLLCombineSendParams sp, EpxLLCombineRecvParams rp) {
-  const int senders = (int)gridDim.x / 2;
-  unsigned long long epoch;
-  if ((int)blockIdx.x < senders) {
-    EpxLLRole role = {(int)blockIdx.x, senders};
-    epoch = epx_ll_combine_send_body(sp, role);
-  } else {
-    EpxLLRole role = {(int)blockIdx.x - senders, (int)gridDim.x - senders};
-    epoch = epx_ll_begin_receive(rp.ctx);
-    if (epoch) epx_ll_combine_recv_body(rp, epoch, role);
-  }
-  if (epoch) epx_ll_advance_epoch(sp.ctx, epoch);
+  epx_ll_fused_roles<EpxLLCombineSendParams, EpxLLCombineRecvParams, epx_ll_combine_send_body,
+                     epx_ll_combine_recv_body>(sp.ctx, sp, rp);
 }
 
 cudaError_t epx_cuda_preload_ll_combine_send(void) {

@@ -298,17 +298,8 @@ __global__ void __launch_bounds__(EPX_LL_THREADS, 1)
  * boundary. Launched cooperatively: every block is resident. */
 __global__ void __launch_bounds__(EPX_LL_THREADS, 2)
     epx_ll_dispatch_fused_kernel(EpxLLDispatchSendParams sp, EpxLLDispatchRecvParams rp) {
-  const int senders = (int)gridDim.x / 2;
-  unsigned long long epoch;
-  if ((int)blockIdx.x < senders) {
-    EpxLLRole role = {(int)blockIdx.x, senders};
-    epoch = epx_ll_dispatch_send_body(sp, role);
-  } else {
-    EpxLLRole role = {(int)blockIdx.x - senders, (int)gridDim.x - senders};
-    epoch = epx_ll_begin_receive(rp.ctx);
-    if (epoch) epx_ll_dispatch_recv_body(rp, epoch, role);
-  }
-  if (epoch) epx_ll_advance_epoch(sp.ctx, epoch);
+  epx_ll_fused_roles<EpxLLDispatchSendParams, EpxLLDispatchRecvParams, epx_ll_dispatch_send_body,
+                     epx_ll_dispatch_recv_body>(sp.ctx, sp, rp);
 }
 
 cudaError_t epx_cuda_preload_ll_dispatch_send(void) {
