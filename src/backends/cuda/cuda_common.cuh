@@ -349,7 +349,7 @@ typedef struct EpxCudaState {
   int err_claim;            /* first error of an op wins the record */
   /* low-latency mode (ll_*.cu) */
   unsigned long long ll_epoch; /* low-latency ops begun (dispatch and combine share it) */
-  unsigned int ll_send_done;   /* LL send kernels: blocks done with the op number (epx_ll_advance_epoch) */
+  unsigned int ll_send_done;   /* LL send and fused kernels: blocks done with the op number (epx_ll_advance_epoch) */
   unsigned int ll_recv_done;   /* last-block counter of the LL receive kernels */
   unsigned int layout_done;    /* last-block counter of the layout kernel */
   unsigned int trace_done[2];  /* EPX_CUDA_TRACE: send / consume blocks of a normal op finished */
@@ -672,11 +672,6 @@ static __device__ __forceinline__ int epx_ll_fatal(const EpxDevCtx &c) {
   return epx_ld_volatile_i32((volatile int *)&c.state->fatal);
 }
 
-/* Before writing slot epoch % 2 of any destination: thread r waits until r
- * acknowledged op epoch - 2 (the last op that used the slot). The acquire
- * pairs with r's release in epx_ll_post_acks, so r's reads of the slot are
- * ordered before our writes into it. Returns 1 for the whole block when all
- * destinations freed the slot. */
 /* Thread r < R: an early acquire of ack[r] (my region), issued at the start
  * of a send kernel so that its latency overlaps the block's preparation. */
 static __device__ __forceinline__ unsigned long long epx_ll_peek_ack(const EpxDevCtx &c) {
@@ -684,8 +679,13 @@ static __device__ __forceinline__ unsigned long long epx_ll_peek_ack(const EpxDe
   return epx_ld_acquire_sys(epx_ll_ack(c, c.ll_peers[c.rank], threadIdx.x));
 }
 
-/* `peeked`: thread r's epx_ll_peek_ack; the wait runs only when it was not
- * enough yet (the acquire of the peek already ordered r's reads otherwise). */
+/* Before writing slot epoch % 2 of any destination: thread r waits until r
+ * acknowledged op epoch - 2 (the last op that used the slot). The acquire
+ * pairs with r's release in epx_ll_post_acks, so r's reads of the slot are
+ * ordered before our writes into it. Returns 1 for the whole block when all
+ * destinations freed the slot. `peeked`: thread r's epx_ll_peek_ack; the
+ * wait runs only when it was not enough yet (the acquire of the peek already
+ * ordered r's reads otherwise). */
 static __device__ int epx_ll_wait_slot_free(const EpxDevCtx &c, unsigned long long epoch, int op,
                                             unsigned long long seq, unsigned long long peeked) {
   int ok = 1;
@@ -836,9 +836,9 @@ static __device__ int epx_ll_wait_flag(const EpxDevCtx &c, const unsigned long l
   return (int)(epx_ld_relaxed_sys(flag) & 1ull);
 }
 
-/* Start of an LL receive kernel: thread s acquires sig[s] >= epoch (pairs
- * with the release in epx_ll_post_signals on s); the barrier then orders every
- * thread's reads of the messages after it. */
+/* Start of an LL receive role: thread s acquires sig[s] >= epoch (pairs with
+ * the release in epx_ll_post_headers on s); the barrier then orders every
+ * thread's reads of the headers after it. */
 static __device__ int epx_ll_wait_signals(const EpxDevCtx &c, unsigned long long epoch, int op,
                                           unsigned long long seq, EpxLLRole role) {
   __shared__ int s_ok;
