@@ -138,7 +138,13 @@ $(BUILD)/tests/%: tests/cuda/%.c $(AR_LIB) $(REF_LIB) $(TEST_COMMON_OBJS)
 	$(CC) $(CFLAGS) -Itests -I$(CUDA_HOME)/include -o $@ $< $(TEST_COMMON_OBJS) $(REF_LIB) $(AR_LIB) $(CUDA_LIBS) $(LDLIBS)
 endif
 
-test: header-check $(UNIT_BINS) $(MP_BINS) $(BENCH) $(CUDA_TEST_BINS)
+# Studies: small programs that measure a design question (see each file's head).
+STUDY_BINS := $(BUILD)/study-combine-precision
+$(BUILD)/study-combine-precision: tools/study_combine_precision.c src/common/numerics.h
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -o $@ $< $(LDFLAGS_SAN) -lm
+
+test: header-check $(UNIT_BINS) $(MP_BINS) $(BENCH) $(CUDA_TEST_BINS) $(STUDY_BINS)
 	@tools/run-tests $(BUILD) $(UNIT_BINS) $(MP_BINS)
 
 
