@@ -392,6 +392,9 @@ typedef struct epxLowLatencyCombineArgs {
 
 /* combined_x[t] = sum_k topk_weights[t,k] * out[row of t for expert k], over
  * k with topk_idx[t,k] >= 0, FP32 in k order, rounded to BF16 once.
+ * topk_idx must be the dispatch's (a slot may be -1 here where it was not):
+ * the CUDA backend waits for every valid slot's row, so a slot the dispatch
+ * did not send ends in epxTimeout.
  * [out] combined_x [T, H] BF16, caller-owned. */
 epxResult_t epxLowLatencyCombine(epxComm_t comm, const epxLowLatencyCombineArgs_t *args,
                                  epxHandle_t handle, void *combined_x, epxStream_t stream);
