@@ -8,6 +8,7 @@
 #include <inttypes.h>
 #include <math.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -709,6 +710,20 @@ int epx_test_case_tokens(int T, int r, int nranks, int vary, unsigned zero_mask)
   if (t < 0) t = 0;
   if (zero_mask & (1u << r)) t = 0;
   return t;
+}
+
+void epx_test_check_failed(int *counter, const char *where, const char *file, int line,
+                           const char *cond, const char *fmt, ...) {
+  if (where)
+    fprintf(stderr, "  [%s] %s:%d: %s: ", where, file, line, cond);
+  else
+    fprintf(stderr, "  %s:%d: %s: ", file, line, cond);
+  va_list ap;
+  va_start(ap, fmt);
+  vfprintf(stderr, fmt, ap);
+  va_end(ap);
+  fputc('\n', stderr);
+  ++*counter;
 }
 
 int epx_test_run_units(const epx_test_unit *units, size_t count, const int *failures) {

@@ -198,6 +198,18 @@ int epx_test_expect_success(int rank, epxComm_t comm, epxResult_t res, const cha
  * tokens as r grows (uneven loads); ranks in zero_mask get none. */
 int epx_test_case_tokens(int T, int r, int nranks, int vary, unsigned zero_mask);
 
+/* A failed check: prints "  [where] file:line: cond: message" to stderr (no
+ * brackets when where is NULL) and bumps *counter. Tests reach it through
+ * EPX_TEST_CHECK, usually wrapped as their own CHECK. */
+void epx_test_check_failed(int *counter, const char *where, const char *file, int line,
+                           const char *cond, const char *fmt, ...)
+    __attribute__((format(printf, 6, 7)));
+#define EPX_TEST_CHECK(counter, where, cond, ...)                                     \
+  do {                                                                                \
+    if (!(cond)) epx_test_check_failed(&(counter), (where), __FILE__, __LINE__, #cond, \
+                                       __VA_ARGS__);                                  \
+  } while (0)
+
 /* A named unit test; it reports failures by bumping *failures. */
 typedef struct epx_test_unit {
   const char *name;

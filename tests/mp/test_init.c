@@ -27,15 +27,7 @@
 
 static int failures_in_main;
 
-#define CHECK(cond, ...)                                           \
-  do {                                                             \
-    if (!(cond)) {                                                 \
-      fprintf(stderr, "  %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-      fprintf(stderr, __VA_ARGS__);                                \
-      fprintf(stderr, "\n");                                       \
-      ++failures_in_main;                                          \
-    }                                                              \
-  } while (0)
+#define CHECK(cond, ...) EPX_TEST_CHECK(failures_in_main, NULL, cond, __VA_ARGS__)
 
 static epxConfig_t base_config(void) {
   epxConfig_t c = EPX_CONFIG_INITIALIZER;

@@ -29,20 +29,13 @@
 #include "bootstrap/root.h"
 #include "bootstrap/socket.h"
 #include "bootstrap/wire.h"
+#include "common/harness.h"
 #include "core/internal.h"
 
 static int g_failures;
 static const char *g_where = "main"; /* scenario and rank, for messages from children */
 
-#define CHECK(cond, ...)                                                            \
-  do {                                                                              \
-    if (!(cond)) {                                                                  \
-      fprintf(stderr, "FAIL [%s] %s:%d: %s: ", g_where, __FILE__, __LINE__, #cond); \
-      fprintf(stderr, __VA_ARGS__);                                                 \
-      fputc('\n', stderr);                                                          \
-      g_failures++;                                                                 \
-    }                                                                               \
-  } while (0)
+#define CHECK(cond, ...) EPX_TEST_CHECK(g_failures, g_where, cond, __VA_ARGS__)
 
 static int64_t ms_now(void) { return epx_now_ns() / 1000000; }
 

@@ -7,19 +7,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/harness.h"
 #include "epx.h"
 
 static int failures;
 
-#define EXPECT(cond, ...)                                  \
-  do {                                                     \
-    if (!(cond)) {                                         \
-      ++failures;                                          \
-      fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-      fprintf(stderr, __VA_ARGS__);                        \
-      fprintf(stderr, "\n");                               \
-    }                                                      \
-  } while (0)
+#define EXPECT(cond, ...) EPX_TEST_CHECK(failures, NULL, cond, __VA_ARGS__)
 
 static void result_strings_are_distinct_and_total(void) {
   for (int i = 0; i < epxNumResults; ++i) {

@@ -11,15 +11,7 @@
 
 static int failures;
 
-#define CHECK(cond, ...)                                            \
-  do {                                                              \
-    if (!(cond)) {                                                  \
-      fprintf(stderr, "  %s:%d: %s: ", __FILE__, __LINE__, #cond);  \
-      fprintf(stderr, __VA_ARGS__);                                 \
-      fprintf(stderr, "\n");                                        \
-      ++failures;                                                   \
-    }                                                               \
-  } while (0)
+#define CHECK(cond, ...) EPX_TEST_CHECK(failures, NULL, cond, __VA_ARGS__)
 
 static void ownership(void) {
   /* E = 256 over 8 ranks: 32 local experts each */

@@ -12,15 +12,7 @@
 
 static int failures;
 
-#define CHECK(cond, ...)                                        \
-  do {                                                          \
-    if (!(cond)) {                                              \
-      fprintf(stderr, "  %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-      fprintf(stderr, __VA_ARGS__);                             \
-      fprintf(stderr, "\n");                                    \
-      ++failures;                                               \
-    }                                                           \
-  } while (0)
+#define CHECK(cond, ...) EPX_TEST_CHECK(failures, NULL, cond, __VA_ARGS__)
 
 static float fbits(uint32_t u) { return epx_f32_from_bits(u); }
 

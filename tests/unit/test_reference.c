@@ -15,15 +15,7 @@
 
 static int failures;
 
-#define CHECK(cond, ...)                                           \
-  do {                                                             \
-    if (!(cond)) {                                                 \
-      fprintf(stderr, "  %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-      fprintf(stderr, __VA_ARGS__);                                \
-      fprintf(stderr, "\n");                                       \
-      ++failures;                                                  \
-    }                                                              \
-  } while (0)
+#define CHECK(cond, ...) EPX_TEST_CHECK(failures, NULL, cond, __VA_ARGS__)
 
 #define CHECK_INTS(got, want, n, what)                                                  \
   do {                                                                                  \
