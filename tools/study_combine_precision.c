@@ -3,13 +3,17 @@
  * would do to low-latency combine's results (a lead of the low-latency issue:
  * one message per (token, rank) instead of per (token, top-k slot)).
  *
- * The contract (spec §4): out[t] = bf16(sum over k in order of w[t,k] * x_k),
- * FP32 accumulation, one rounding. Two alternatives, each summed in rank
- * order at the source:
+ * The contract (spec §4): out[t] = bf16(sum over k in order of
+ * w[t,k] * x_k), FP32 accumulation, one rounding ("contract" below). Three
+ * alternatives, each summed in rank order at the source:
  *   fp32 partials: each rank sums its own slots (k order) in FP32 and sends
  *                  the FP32 partial (4H bytes per (token, rank));
+ *   f24 partials:  the same partial rounded to F24 (epx_f32_to_f24, 16
+ *                  significant bits) before it is sent (3H bytes): the
+ *                  format tried on branch wip/ll-combine-partials (correct,
+ *                  but its CUDA combine measured slower than main's);
  *   bf16 partials: the same partial rounded to BF16 before it is sent
- *                  (2H bytes: the byte saving the lead is after).
+ *                  (2H bytes).
  * Inputs: random routing (top-K of E distinct experts over R ranks), weights
  * exp(N(0,1)) normalised to 1, expert outputs N(0,1) rounded to BF16; the
  * same float helpers as the library (src/common/numerics.h).
@@ -64,7 +68,7 @@ int main(int argc, char **argv) {
     fprintf(stderr, "usage: %s [tokens >= 1]\n", argv[0]);
     return 2;
   }
-  Tally contract = {0, 0, 0.0}, fp32 = {0, 0, 0.0}, bf16 = {0, 0, 0.0};
+  Tally contract = {0, 0, 0.0}, fp32 = {0, 0, 0.0}, f24 = {0, 0, 0.0}, bf16 = {0, 0, 0.0};
   long n = 0;
   for (int t = 0; t < tokens; ++t) {
     int ids[K];
@@ -91,7 +95,7 @@ int main(int argc, char **argv) {
       float acc = 0.0f;
       for (int k = 0; k < K; ++k) acc = epx_add_rn(acc, epx_mul_rn(w[k], x[k]));
       const uint16_t exact = epx_f32_to_bf16(acc);
-      float acc32 = 0.0f, acc16 = 0.0f;
+      float acc32 = 0.0f, acc24 = 0.0f, acc16 = 0.0f;
       for (int r = 0; r < R; ++r) {
         float part = 0.0f;
         int any = 0;
@@ -102,10 +106,12 @@ int main(int argc, char **argv) {
           }
         if (!any) continue;
         acc32 = epx_add_rn(acc32, part);
+        acc24 = epx_add_rn(acc24, epx_f24_to_f32(epx_f32_to_f24(part)));
         acc16 = epx_add_rn(acc16, epx_bf16_to_f32(epx_f32_to_bf16(part)));
       }
       tally(&contract, exact, exact, truth);
       tally(&fp32, epx_f32_to_bf16(acc32), exact, truth);
+      tally(&f24, epx_f32_to_bf16(acc24), exact, truth);
       tally(&bf16, epx_f32_to_bf16(acc16), exact, truth);
       ++n;
     }
@@ -113,9 +119,9 @@ int main(int argc, char **argv) {
   printf("%ld outputs (%d tokens x %d channels), top-%d of %d experts over %d ranks\n", n, tokens,
          H, K, E, R);
   printf("%-14s %12s %10s %14s\n", "combine", "differ", "max ulp", "mean rel err");
-  const Tally *rows[3] = {&contract, &fp32, &bf16};
-  const char *names[3] = {"contract", "fp32 partials", "bf16 partials"};
-  for (int i = 0; i < 3; ++i)
+  const Tally *rows[4] = {&contract, &fp32, &f24, &bf16};
+  const char *names[4] = {"contract", "fp32 partials", "f24 partials", "bf16 partials"};
+  for (int i = 0; i < 4; ++i)
     printf("%-14s %11.3f%% %10ld %14.3e\n", names[i], 100.0 * (double)rows[i]->differ / (double)n,
            rows[i]->max_ulp, rows[i]->rel / (double)n);
   return 0;

@@ -53,6 +53,19 @@ EPX_HD uint16_t epx_f32_to_bf16(float f) {
   return (uint16_t)(u >> 16);
 }
 
+/* "F24": an FP32 rounded to its upper 24 bits (sign, 8 exponent bits, 15
+ * fraction bits: 16 significant bits), nearest-even; NaN stays a quiet NaN.
+ * A candidate wire format for a rank's partial sum of a token in low-latency
+ * combine (relative rounding error <= 2^-16, 1/256 of a BF16 output's; see
+ * tools/study_combine_precision.c). The value is returned in the low 24 bits. */
+EPX_HD uint32_t epx_f32_to_f24(float f) {
+  uint32_t u = epx_f32_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 8) | 0x4000u;
+  u += 0x7fu + ((u >> 8) & 1u);
+  return u >> 8;
+}
+EPX_HD float epx_f24_to_f32(uint32_t v) { return epx_f32_from_bits(v << 8); }
+
 /* FP8 E4M3 ("fn": no infinities, 0x7f/0xff are NaN, largest finite 448).
  * Round to nearest even, saturating to +-448; NaN maps to NaN. */
 EPX_HD uint8_t epx_f32_to_e4m3(float f) {

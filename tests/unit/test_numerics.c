@@ -1,5 +1,5 @@
 /*
- * test_numerics.c - BF16, FP8 E4M3 and the low-latency FP8 cast
+ * test_numerics.c - BF16, F24, FP8 E4M3 and the low-latency FP8 cast
  * (src/common/numerics.h) against values worked out by hand.
  */
 #include <math.h>
@@ -15,6 +15,72 @@ static int failures;
 #define CHECK(cond, ...) EPX_TEST_CHECK(failures, NULL, cond, __VA_ARGS__)
 
 static float fbits(uint32_t u) { return epx_f32_from_bits(u); }
+
+/* -------------------------------------------------------------- F24 */
+
+/* FP32 rounded to its upper 24 bits (low-latency combine's partial sums). */
+static void f24_rounding(void) {
+  struct {
+    uint32_t in;
+    uint32_t out; /* F24 bits */
+  } cases[] = {
+      {0x00000000u, 0x000000u}, /* +0 */
+      {0x80000000u, 0x800000u}, /* -0 */
+      {0x3f800000u, 0x3f8000u}, /* 1, exact */
+      {0xc0490f00u, 0xc0490fu}, /* -3.1415405 (low byte 0): exact */
+      {0x3f800080u, 0x3f8000u}, /* 1 + 2^-16: tie, stays even */
+      {0x3f800180u, 0x3f8002u}, /* 1 + 3 * 2^-16: tie, odd rounds up */
+      {0xbf800180u, 0xbf8002u}, /* the same tie, negative */
+      {0x3f80007fu, 0x3f8000u}, /* just below the tie */
+      {0x3f800081u, 0x3f8001u}, /* just above the tie */
+      {0x3f80ffc0u, 0x3f8100u}, /* carry into the next fraction bits */
+      {0x3fffff80u, 0x400000u}, /* tie with odd last bit: carry into the exponent (2.0) */
+      {0x00000080u, 0x000000u}, /* subnormal tie to even (0) */
+      {0x00000180u, 0x000002u}, /* subnormal tie to even (2) */
+      {0x00000100u, 0x000001u}, /* smallest F24 subnormal, exact */
+      {0x7f800000u, 0x7f8000u}, /* +inf */
+      {0xff800000u, 0xff8000u}, /* -inf */
+      {0x7f7fff00u, 0x7f7fffu}, /* largest finite F24, exact */
+      {0x7f7fff7fu, 0x7f7fffu}, /* just below the tie above it: stays finite */
+      {0x7f7fff80u, 0x7f8000u}, /* tie above the largest finite: overflows to inf */
+      {0x7f7fffffu, 0x7f8000u}, /* FLT_MAX overflows to inf */
+      {0xff7fffffu, 0xff8000u}, /* -FLT_MAX to -inf */
+  };
+  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; ++i) {
+    uint32_t got = epx_f32_to_f24(fbits(cases[i].in));
+    CHECK(got == cases[i].out, "f24(0x%08x) = 0x%06x, want 0x%06x", cases[i].in, got,
+          cases[i].out);
+    CHECK(got <= 0xffffffu, "f24(0x%08x) = 0x%08x has bits above 24", cases[i].in, got);
+    CHECK(epx_f32_bits(epx_f24_to_f32(got)) == cases[i].out << 8, "f24 0x%06x back to FP32",
+          cases[i].out);
+  }
+  CHECK(isinf(epx_f24_to_f32(epx_f32_to_f24(INFINITY))) &&
+            epx_f24_to_f32(epx_f32_to_f24(-INFINITY)) < 0.0f,
+        "inf stays inf");
+  /* NaNs stay NaN, quiet, sign kept (a NaN whose payload is in the low byte too) */
+  uint32_t nans[] = {0x7fc00000u, 0x7f800001u, 0x7f800080u, 0xffc00001u, 0x7fffffffu, 0xff800100u};
+  for (size_t i = 0; i < sizeof nans / sizeof nans[0]; ++i) {
+    uint32_t v = epx_f32_to_f24(fbits(nans[i]));
+    float back = epx_f24_to_f32(v);
+    CHECK(isnan(back), "f24(NaN 0x%08x) = 0x%06x is not NaN", nans[i], v);
+    CHECK((v & 0x4000u) != 0, "f24(NaN 0x%08x) = 0x%06x is not quiet", nans[i], v);
+    CHECK((v >> 23) == (nans[i] >> 31), "f24(NaN 0x%08x) lost its sign", nans[i]);
+  }
+  /* every value with a zero low byte passes unchanged, and rounding is to the
+   * nearest F24 (ties even) for a sweep of low bytes over many exponents */
+  for (uint32_t hi = 0; hi < 0x1000000u; hi += 0x1235u) {
+    if (((hi << 8) & 0x7f800000u) == 0x7f800000u) continue; /* inf / NaN: above */
+    CHECK(epx_f32_to_f24(fbits(hi << 8)) == hi, "exact 0x%06x changed", hi);
+    for (uint32_t low = 1; low < 256; low += 37) {
+      uint32_t u = (hi << 8) | low, want = hi + (low > 128u || (low == 128u && (hi & 1u)));
+      CHECK(epx_f32_to_f24(fbits(u)) == want, "f24(0x%08x) = 0x%06x, want 0x%06x", u,
+            epx_f32_to_f24(fbits(u)), want);
+    }
+  }
+  /* relative error of a normal value: at most 2^-16 */
+  float x = 1.2345678f, y = epx_f24_to_f32(epx_f32_to_f24(x));
+  CHECK(fabsf(y - x) <= ldexpf(x, -16), "f24 relative error %g", (double)((y - x) / x));
+}
 
 /* ------------------------------------------------------------- BF16 */
 
@@ -259,6 +325,7 @@ int main(void) {
   static const epx_test_unit tests[] = {
       {"bf16_known_values", bf16_known_values},
       {"bf16_round_trip_all_65536", bf16_round_trip},
+      {"f24_rounding_ties_inf_nan_overflow", f24_rounding},
       {"e4m3_known_values", e4m3_known_values},
       {"e4m3_round_trip_and_nearest_even", e4m3_round_trip},
       {"pow2_ceil_and_ue8m0", pow2_and_ue8m0},
