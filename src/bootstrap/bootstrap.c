@@ -74,6 +74,7 @@ void epx_bootstrap_destroy(epxBootstrap *b) {
   }
   /* For TCP, closing is the "done" signal the root counts. */
   if (b->fd >= 0) close(b->fd);
+  explicit_bzero(b->key, sizeof(b->key));
   free(b);
 }
 

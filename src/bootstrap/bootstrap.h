@@ -7,7 +7,9 @@
  *    address and a random 128-bit secret. Each rank connects to the root,
  *    proves knowledge of the secret by challenge-response (HMAC-SHA256, never
  *    sending the secret), and exchanges length-prefixed, versioned frames with
- *    strict bounds and a deadline on every read and write. The root relays
+ *    strict bounds and a deadline on every read and write; every frame after
+ *    the handshake carries an HMAC under a per-connection session key and a
+ *    per-direction sequence number (forged, altered or replayed frames fail). The root relays
  *    all-gathers (star topology); it accepts without blocking, so a stalled or
  *    hostile connection cannot hold up the others, and it rejects duplicate ranks.
  *  - callback (callback.c): the caller's epxAllGatherFn.
@@ -61,6 +63,10 @@ void epx_bootstrap_destroy(epxBootstrap *b);
 void epx_sha256(const void *data, size_t len, uint8_t out[32]);
 void epx_hmac_sha256(const uint8_t *key, size_t keylen, const void *data, size_t len,
                      uint8_t out[32]);
+/* HMAC-SHA256 of the concatenation parts[0] .. parts[nparts-1] (lens[i] bytes
+ * each; a NULL part must have length 0), without copying them together. */
+void epx_hmac_sha256_parts(const uint8_t *key, size_t keylen, const void *const *parts,
+                           const size_t *lens, size_t nparts, uint8_t out[32]);
 
 #ifdef __cplusplus
 }

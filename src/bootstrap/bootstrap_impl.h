@@ -32,6 +32,10 @@ struct epxBootstrap {
   int64_t deadline_ns;
   epxBsAddr root;
   uint64_t rounds; /* all-gathers completed, for messages */
+  /* Session (wire.h): set once the root's WELCOME checked out. */
+  int authed;
+  uint8_t key[EPX_BS_KEY_BYTES];
+  uint64_t tx_seq, rx_seq; /* authenticated frames sent / accepted so far */
   /* callback */
   epxAllGatherFn fn;
   void *user;

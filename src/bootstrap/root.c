@@ -65,11 +65,20 @@ static void blob_unref(epxBsBlob *b) {
   if (b && --b->refs == 0) free(b);
 }
 
-/* Queues a frame; takes a reference on payload. 0, or -1 when out of memory. */
+/* Queues a frame; takes a reference on payload. 0, or -1 when out of memory.
+ * After the WELCOME (c->authed) the frame is sealed with the connection's key
+ * and next sequence number: frames leave in queue order, so in sequence. */
 static int queue_frame(epxRootConn *c, epxBsFrameType type, uint32_t rank, epxBsBlob *payload) {
   epxBsOut *o = (epxBsOut *)calloc(1, sizeof(*o));
   if (!o) return -1;
-  epx_bs_header_encode(o->hdr, type, rank, payload ? payload->len : 0);
+  uint32_t plen = payload ? payload->len : 0;
+  if (c->authed) {
+    epx_bs_frame_seal(c->key, EPX_BS_DIR_TO_CLIENT, c->tx_seq++, type, rank,
+                      payload ? payload->data : NULL, plen, o->hdr, o->mac);
+    o->has_mac = 1;
+  } else {
+    epx_bs_header_encode(o->hdr, type, rank, plen);
+  }
   if (payload) payload->refs++;
   o->payload = payload;
   /* Frames owed to ranks are counted until written, so a rank in the root's
@@ -199,6 +208,7 @@ static void free_conn(epxRootConn *c) {
   if (c->fd >= 0) close(c->fd);
   free(c->payload);
   drop_output(c);
+  explicit_bzero(c->key, sizeof(c->key));
   free(c);
 }
 
@@ -320,9 +330,12 @@ static void handle_hello(epxRoot *r, epxRootConn *c, int64_t now) {
   r->rank_state[rank] = 1;
   r->nconnected++;
   if (queue_bytes(c, EPX_BS_WELCOME, rank, root_mac, EPX_BS_MAC_BYTES) != 0) {
-    fail_oom(r, now, "welcome");
+    fail_oom(r, now, "welcome"); /* its ERROR goes out unauthenticated, in place of the WELCOME */
     return;
   }
+  /* Every frame after the WELCOME, both ways, is authenticated (wire.h). */
+  epx_bs_session_key(r->secret, c->nonce, hello.client_nonce, rank, hello.nranks, c->key);
+  c->authed = 1;
   EPX_TRACE(-1, "bootstrap root %s: rank %u of %d connected from %s", r->where, rank, r->nranks,
             c->peer);
   if (r->nconnected == r->nranks) {
@@ -355,7 +368,7 @@ static void handle_data(epxRoot *r, epxRootConn *c, const uint8_t *data, uint32_
   }
   if (r->round_count == 0) {
     uint64_t total = (uint64_t)len * (uint64_t)r->nranks;
-    if (total > UINT32_MAX) {
+    if (total > UINT32_MAX - EPX_BS_MAC_BYTES) { /* the RESULT's length field counts the trailer */
       fail_session(r, now, epxBootstrapError,
                    "all-gather round %llu: %u bytes from each of %d ranks is more than one frame "
                    "can carry",
@@ -401,10 +414,32 @@ static void handle_data(epxRoot *r, epxRootConn *c, const uint8_t *data, uint32_
 
 /* A complete frame arrived on c. */
 static void handle_frame(epxRoot *r, epxRootConn *c, int64_t now) {
-  if (c->h.type == EPX_BS_HELLO)
+  if (c->h.type == EPX_BS_HELLO) {
     handle_hello(r, c, now);
-  else
-    handle_data(r, c, c->payload, c->h.len, now);
+    return;
+  }
+  /* DATA, from an admitted rank: the header check guarantees the trailer's
+   * room. Nothing of the payload is looked at before the trailer checks out. */
+  uint32_t len = c->h.len - EPX_BS_MAC_BYTES;
+  if (!c->authed || !epx_bs_frame_check(c->key, EPX_BS_DIR_TO_ROOT, c->rx_seq, c->hdr,
+                                        c->payload, len, c->payload + len)) {
+    /* Injected, altered or replayed on the way: hostile traffic, counted
+     * like a refused connection. The rank's stream is lost, and the
+     * rendezvous cannot complete without it. */
+    r->refused++;
+    atomic_fetch_add(&g_refused_total, 1);
+    EPX_INFO(-1, "bootstrap root %s: frame authentication failed on rank %d's connection from %s "
+             "(%llu refused so far)",
+             r->where, c->rank, c->peer, (unsigned long long)r->refused);
+    fail_session(r, now, epxBootstrapError,
+                 "frame authentication failed: a DATA frame (sequence %llu) on rank %d's "
+                 "connection from %s does not carry a valid MAC: it was forged, altered or "
+                 "replayed on the way (the rendezvous cannot trust that connection)",
+                 (unsigned long long)c->rx_seq, c->rank, c->peer);
+    return;
+  }
+  c->rx_seq++;
+  handle_data(r, c, c->payload, len, now);
 }
 
 void epx_root_input(epxRoot *r, epxRootConn *c, const uint8_t *data, size_t n, int64_t now) {
@@ -512,16 +547,19 @@ void epx_root_flush(epxRoot *r, epxRootConn *c, int64_t now) {
   while (c->out_head) {
     epxBsOut *o = c->out_head;
     size_t plen = o->payload ? o->payload->len : 0;
-    struct iovec iov[2];
+    size_t mlen = o->has_mac ? EPX_BS_MAC_BYTES : 0;
+    const uint8_t *part[3] = {o->hdr, o->payload ? o->payload->data : NULL, o->mac};
+    size_t plens[3] = {EPX_BS_HEADER_BYTES, plen, mlen};
+    struct iovec iov[3];
     int n = 0;
-    if (o->sent < EPX_BS_HEADER_BYTES) {
-      iov[n].iov_base = o->hdr + o->sent;
-      iov[n++].iov_len = EPX_BS_HEADER_BYTES - o->sent;
-    }
-    if (plen > 0) {
-      size_t poff = o->sent > EPX_BS_HEADER_BYTES ? o->sent - EPX_BS_HEADER_BYTES : 0;
-      iov[n].iov_base = o->payload->data + poff;
-      iov[n++].iov_len = plen - poff;
+    size_t start = 0;
+    for (int i = 0; i < 3; i++) {
+      if (o->sent < start + plens[i]) {
+        size_t off = o->sent > start ? o->sent - start : 0;
+        iov[n].iov_base = (void *)(part[i] + off);
+        iov[n++].iov_len = plens[i] - off;
+      }
+      start += plens[i];
     }
     struct msghdr m;
     memset(&m, 0, sizeof(m));
@@ -535,7 +573,7 @@ void epx_root_flush(epxRoot *r, epxRootConn *c, int64_t now) {
       return;
     }
     o->sent += (size_t)w;
-    if (o->sent < EPX_BS_HEADER_BYTES + plen) return; /* the socket buffer is full */
+    if (o->sent < EPX_BS_HEADER_BYTES + plen + mlen) return; /* the socket buffer is full */
     c->out_head = o->next;
     if (!c->out_head) c->out_tail = NULL;
     free_out(o);

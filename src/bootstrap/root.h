@@ -42,8 +42,10 @@ typedef struct epxBsOut {
   struct epxBsOut *next;
   uint8_t hdr[EPX_BS_HEADER_BYTES];
   epxBsBlob *payload; /* NULL: header only */
-  size_t sent;        /* bytes of header + payload already written */
-  int to_rank;        /* counted in epx_bootstrap_root_undelivered() */
+  uint8_t mac[EPX_BS_MAC_BYTES]; /* the trailer, when has_mac (one per connection: */
+  int has_mac;                   /* a shared RESULT payload gets a MAC per rank) */
+  size_t sent;                   /* bytes of header + payload + trailer already written */
+  int to_rank;                   /* counted in epx_bootstrap_root_undelivered() */
 } epxBsOut;
 
 typedef enum epxRootConnState {
@@ -63,6 +65,11 @@ typedef struct epxRootConn {
   int64_t close_deadline_ns;
   int wr_shut;
   uint8_t nonce[EPX_BS_NONCE_BYTES];
+  /* Session (wire.h): set when the HELLO is verified; from the WELCOME on,
+   * every frame queued here carries a trailer and every DATA frame read must. */
+  int authed;
+  uint8_t key[EPX_BS_KEY_BYTES];
+  uint64_t tx_seq, rx_seq; /* authenticated frames queued / accepted so far */
   char peer[64];
   /* frame being read */
   uint8_t hdr[EPX_BS_HEADER_BYTES];

@@ -274,25 +274,27 @@ static epxSockStatus wait_fd(int fd, short events, int64_t deadline_ns) {
   }
 }
 
-epxSockStatus epx_bs_send_all(int fd, const void *a, size_t alen, const void *b, size_t blen,
-                              int64_t deadline_ns) {
-  size_t done = 0, total = alen + blen;
+epxSockStatus epx_bs_send_parts(int fd, const void *const *bufs, const size_t *lens, int n,
+                                int64_t deadline_ns) {
+  size_t done = 0, total = 0;
+  if (n > 4) n = 4;
+  for (int i = 0; i < n; i++) total += lens[i];
   while (done < total) {
-    struct iovec iov[2];
-    int n = 0;
-    if (done < alen) {
-      iov[n].iov_base = (char *)a + done;
-      iov[n++].iov_len = alen - done;
-    }
-    if (blen > 0) {
-      size_t boff = done > alen ? done - alen : 0;
-      iov[n].iov_base = (char *)b + boff;
-      iov[n++].iov_len = blen - boff;
+    struct iovec iov[4];
+    int k = 0;
+    size_t start = 0;
+    for (int i = 0; i < n; i++) {
+      if (done < start + lens[i]) {
+        size_t off = done > start ? done - start : 0;
+        iov[k].iov_base = (char *)bufs[i] + off;
+        iov[k++].iov_len = lens[i] - off;
+      }
+      start += lens[i];
     }
     struct msghdr m;
     memset(&m, 0, sizeof(m));
     m.msg_iov = iov;
-    m.msg_iovlen = (size_t)n;
+    m.msg_iovlen = (size_t)k;
     ssize_t w = sendmsg(fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
     if (w > 0) {
       done += (size_t)w;
@@ -308,6 +310,13 @@ epxSockStatus epx_bs_send_all(int fd, const void *a, size_t alen, const void *b,
     return EPX_SOCK_ERROR;
   }
   return EPX_SOCK_OK;
+}
+
+epxSockStatus epx_bs_send_all(int fd, const void *a, size_t alen, const void *b, size_t blen,
+                              int64_t deadline_ns) {
+  const void *bufs[2] = {a, b};
+  size_t lens[2] = {alen, blen};
+  return epx_bs_send_parts(fd, bufs, lens, 2, deadline_ns);
 }
 
 epxSockStatus epx_bs_recv_all(int fd, void *buf, size_t len, int64_t deadline_ns) {

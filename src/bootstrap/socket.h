@@ -44,6 +44,9 @@ epxResult_t epx_bs_connect(const epxBsAddr *addr, int64_t deadline_ns, int *fd_o
 /* Writes two buffers back to back (header and payload) by the deadline. */
 epxSockStatus epx_bs_send_all(int fd, const void *a, size_t alen, const void *b, size_t blen,
                               int64_t deadline_ns);
+/* Writes n <= 4 buffers back to back (header, payload, MAC trailer) by the deadline. */
+epxSockStatus epx_bs_send_parts(int fd, const void *const *bufs, const size_t *lens, int n,
+                                int64_t deadline_ns);
 /* Reads exactly len bytes by the deadline. */
 epxSockStatus epx_bs_recv_all(int fd, void *buf, size_t len, int64_t deadline_ns);
 

@@ -108,14 +108,46 @@ static epxResult_t io_error(const epxBootstrap *b, epxSockStatus s, const char *
   }
 }
 
+static const char *frame_name(unsigned type) {
+  switch (type) {
+    case EPX_BS_READY:
+      return "READY";
+    case EPX_BS_RESULT:
+      return "RESULT";
+    case EPX_BS_ERROR:
+      return "ERROR";
+    default:
+      return "unexpected";
+  }
+}
+
+/* A frame after the WELCOME failed its MAC check: injected, altered or
+ * replayed between the root and us. Nothing of it is used. */
+static epxResult_t auth_failed(const epxBootstrap *b, unsigned type, const char *what, char *err,
+                               size_t errlen) {
+  char where[80];
+  epx_bs_addr_str(&b->root, where, sizeof(where));
+  snprintf(err, errlen,
+           "rank %d: frame authentication failed (%s): the %s frame (sequence %llu) from the "
+           "rendezvous root at %s does not carry a valid MAC: it was forged, altered or "
+           "replayed on the way, so the connection is not trusted",
+           b->rank, what, frame_name(type), (unsigned long long)b->rx_seq, where);
+  return epxBootstrapError;
+}
+
 /* Reads a frame of type `want` whose payload is exactly `len` bytes into buf,
- * or the root's ERROR frame, which becomes the result and message. `*closed`
- * (if given) is set when the root closed the connection without saying why. */
+ * or the root's ERROR frame, which becomes the result and message. After the
+ * WELCOME (b->authed) every frame must end with a valid MAC trailer (wire.h),
+ * checked before anything of it is used; a bad one fails with "frame
+ * authentication failed" and leaves buf zeroed. `*closed` (if given) is set
+ * when the root closed the connection without saying why. */
 static epxResult_t read_frame_by(epxBootstrap *b, epxBsFrameType want, void *buf, uint32_t len,
                                  const char *what, int64_t deadline_ns, int *closed, int *from_root,
                                  char *err, size_t errlen) {
   uint8_t hdr[EPX_BS_HEADER_BYTES];
+  uint8_t mac[EPX_BS_MAC_BYTES];
   epxBsHeader h;
+  uint32_t tlen = b->authed ? EPX_BS_MAC_BYTES : 0; /* trailer */
   if (closed) *closed = 0;
   if (from_root) *from_root = 0;
   epxSockStatus s = epx_bs_recv_all(b->fd, hdr, sizeof(hdr), deadline_ns);
@@ -127,9 +159,9 @@ static epxResult_t read_frame_by(epxBootstrap *b, epxBsFrameType want, void *buf
       hdr, EPX_BS_TYPE_BIT(want) | EPX_BS_TYPE_BIT(EPX_BS_ERROR), (uint32_t)b->nranks, &h);
   if (st == EPX_BS_HDR_BAD_VERSION && h.magic == EPX_BS_FRAME_MAGIC) {
     snprintf(err, errlen,
-             "rank %d: the rendezvous root speaks protocol version %u, this rank %u: every rank "
-             "must load the same epx",
-             b->rank, h.version, EPX_PROTOCOL_VERSION);
+             "rank %d: the rendezvous root speaks bootstrap protocol version %u, this rank %u: "
+             "every rank must load the same epx",
+             b->rank, h.version, EPX_BS_PROTOCOL_VERSION);
     return epxBootstrapError;
   }
   if (st != EPX_BS_HDR_OK) {
@@ -138,24 +170,40 @@ static epxResult_t read_frame_by(epxBootstrap *b, epxBsFrameType want, void *buf
     return epxBootstrapError;
   }
   if (h.type == EPX_BS_ERROR) {
-    uint8_t payload[EPX_BS_ERROR_MAX_PAYLOAD];
+    uint8_t payload[EPX_BS_ERROR_MAX_LEN];
     char msg[EPX_BS_ERROR_TEXT_MAX + 1];
+    if (h.len < tlen) return auth_failed(b, h.type, what, err, errlen); /* no room for a MAC */
     s = epx_bs_recv_all(b->fd, payload, h.len, deadline_ns);
     if (s != EPX_SOCK_OK) return io_error(b, s, "reading the root's error report", err, errlen);
-    epxResult_t code = epx_bs_error_decode(payload, h.len, msg, sizeof(msg));
+    uint32_t plen = h.len - tlen;
+    if (b->authed) {
+      if (!epx_bs_frame_check(b->key, EPX_BS_DIR_TO_CLIENT, b->rx_seq, hdr, payload, plen,
+                              payload + plen))
+        return auth_failed(b, h.type, what, err, errlen);
+      b->rx_seq++;
+    }
+    epxResult_t code = epx_bs_error_decode(payload, plen, msg, sizeof(msg));
     snprintf(err, errlen, "rank %d: rendezvous failed: %s", b->rank, msg);
     if (from_root) *from_root = 1;
     return code;
   }
-  if (h.len != len || (want != EPX_BS_CHALLENGE && h.rank != (uint32_t)b->rank)) {
+  if (h.len != len + tlen || (want != EPX_BS_CHALLENGE && h.rank != (uint32_t)b->rank)) {
     snprintf(err, errlen,
              "rank %d: the rendezvous root sent a frame for rank %u with %u bytes %s, expected "
              "%u bytes (protocol error)",
-             b->rank, h.rank, h.len, what, len);
+             b->rank, h.rank, h.len, what, len + tlen);
     return epxBootstrapError;
   }
   s = epx_bs_recv_all(b->fd, buf, len, deadline_ns);
+  if (s == EPX_SOCK_OK && tlen) s = epx_bs_recv_all(b->fd, mac, tlen, deadline_ns);
   if (s != EPX_SOCK_OK) return io_error(b, s, what, err, errlen);
+  if (b->authed) {
+    if (!epx_bs_frame_check(b->key, EPX_BS_DIR_TO_CLIENT, b->rx_seq, hdr, buf, len, mac)) {
+      if (len) memset(buf, 0, len); /* the caller must not see unauthenticated bytes */
+      return auth_failed(b, h.type, what, err, errlen);
+    }
+    b->rx_seq++;
+  }
   return epxSuccess;
 }
 
@@ -195,6 +243,8 @@ static epxResult_t handshake(epxBootstrap *b, const uint8_t secret[EPX_BS_SECRET
   uint8_t mac[EPX_BS_MAC_BYTES];
   epxBsHello hello;
   *retry = 0;
+  b->authed = 0;
+  b->tx_seq = b->rx_seq = 0;
   epxResult_t res = epx_bs_connect(&b->root, b->deadline_ns, &b->fd, err, errlen);
   if (res != epxSuccess) {
     char tmp[EPX_BOOTSTRAP_ERR_BYTES];
@@ -239,6 +289,10 @@ static epxResult_t handshake(epxBootstrap *b, const uint8_t secret[EPX_BS_SECRET
              b->rank, where);
     return epxBootstrapError;
   }
+  /* From here on every frame, both ways, is authenticated (wire.h). */
+  epx_bs_session_key(secret, root_nonce, hello.client_nonce, (uint32_t)b->rank,
+                     (uint32_t)b->nranks, b->key);
+  b->authed = 1;
   return epxSuccess;
 }
 
@@ -283,6 +337,7 @@ fail:
   explicit_bzero(secret, sizeof(secret));
   epx_bootstrap_root_drain(EPX_BOOTSTRAP_DRAIN_MS); /* see epx_bootstrap_destroy */
   if (b->fd >= 0) close(b->fd);
+  explicit_bzero(b->key, sizeof(b->key));
   free(b);
   return res;
 }
@@ -290,16 +345,19 @@ fail:
 epxResult_t epx_bootstrap_tcp_allgather(epxBootstrap *b, const void *send, void *recv, size_t bytes,
                                         char *err, size_t errlen) {
   uint64_t total = (uint64_t)bytes * (uint64_t)b->nranks;
-  if (total > UINT32_MAX) {
+  if (total > UINT32_MAX - EPX_BS_MAC_BYTES) { /* the RESULT's length field counts the trailer */
     snprintf(err, errlen, "all-gather of %zu bytes from %d ranks exceeds one frame", bytes,
              b->nranks);
     return epxInvalidArgument;
   }
   char what[96];
   snprintf(what, sizeof(what), "in all-gather round %llu", (unsigned long long)b->rounds + 1);
-  uint8_t hdr[EPX_BS_HEADER_BYTES];
-  epx_bs_header_encode(hdr, EPX_BS_DATA, (uint32_t)b->rank, (uint32_t)bytes);
-  epxSockStatus s = epx_bs_send_all(b->fd, hdr, sizeof(hdr), send, bytes, hard_deadline(b));
+  uint8_t hdr[EPX_BS_HEADER_BYTES], mac[EPX_BS_MAC_BYTES];
+  epx_bs_frame_seal(b->key, EPX_BS_DIR_TO_ROOT, b->tx_seq++, EPX_BS_DATA, (uint32_t)b->rank, send,
+                    (uint32_t)bytes, hdr, mac);
+  const void *parts[3] = {hdr, send, mac};
+  size_t lens[3] = {sizeof(hdr), bytes, sizeof(mac)};
+  epxSockStatus s = epx_bs_send_parts(b->fd, parts, lens, 3, hard_deadline(b));
   int told;
   if (s != EPX_SOCK_OK) return write_failed(b, s, what, &told, err, errlen);
   epxResult_t res = read_frame(b, EPX_BS_RESULT, recv, (uint32_t)total, what, NULL, err, errlen);

@@ -31,6 +31,9 @@ static void put32(uint8_t *p, uint32_t v) {
   for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i));
 }
 static uint16_t get16(const uint8_t *p) { return (uint16_t)(p[0] | (unsigned)p[1] << 8); }
+static void put64(uint8_t *p, uint64_t v) {
+  for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i));
+}
 static uint32_t get32(const uint8_t *p) {
   return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
 }
@@ -38,7 +41,7 @@ static uint32_t get32(const uint8_t *p) {
 void epx_bs_header_encode(uint8_t out[EPX_BS_HEADER_BYTES], epxBsFrameType type, uint32_t rank,
                           uint32_t len) {
   put32(out, EPX_BS_FRAME_MAGIC);
-  put16(out + 4, EPX_PROTOCOL_VERSION);
+  put16(out + 4, EPX_BS_PROTOCOL_VERSION);
   put16(out + 6, (uint16_t)type);
   put32(out + 8, rank);
   put32(out + 12, len);
@@ -53,23 +56,29 @@ uint32_t epx_bs_max_payload(epxBsFrameType type, uint32_t nranks) {
     case EPX_BS_WELCOME:
       return EPX_BS_MAC_BYTES;
     case EPX_BS_READY:
-      return 0;
+      return EPX_BS_MAC_BYTES; /* no payload, the trailer only */
     case EPX_BS_DATA:
-      return EPX_BOOTSTRAP_MAX_PAYLOAD;
+      return EPX_BOOTSTRAP_MAX_PAYLOAD + EPX_BS_MAC_BYTES;
     case EPX_BS_RESULT: {
-      uint64_t m = (uint64_t)EPX_BOOTSTRAP_MAX_PAYLOAD * nranks;
+      uint64_t m = (uint64_t)EPX_BOOTSTRAP_MAX_PAYLOAD * nranks + EPX_BS_MAC_BYTES;
       return m > UINT32_MAX ? UINT32_MAX : (uint32_t)m;
     }
     case EPX_BS_ERROR:
-      return EPX_BS_ERROR_MAX_PAYLOAD;
+      return EPX_BS_ERROR_MAX_LEN;
   }
   return 0;
 }
 
-/* Handshake frames have one exact size; anything else is not ours. */
+/* Handshake frames and READY have one exact size; anything else is not ours. */
 static int fixed_size(unsigned type) {
   return type == EPX_BS_CHALLENGE || type == EPX_BS_HELLO || type == EPX_BS_WELCOME ||
          type == EPX_BS_READY;
+}
+
+/* DATA and RESULT are only ever sent authenticated: at least the trailer.
+ * (ERROR may come before the WELCOME, without one: its reader checks.) */
+static uint32_t min_len(unsigned type) {
+  return type == EPX_BS_DATA || type == EPX_BS_RESULT ? EPX_BS_MAC_BYTES : 0;
 }
 
 epxBsHeaderStatus epx_bs_header_decode(const uint8_t in[EPX_BS_HEADER_BYTES], uint32_t allowed,
@@ -80,11 +89,12 @@ epxBsHeaderStatus epx_bs_header_decode(const uint8_t in[EPX_BS_HEADER_BYTES], ui
   h->rank = get32(in + 8);
   h->len = get32(in + 12);
   if (h->magic != EPX_BS_FRAME_MAGIC) return EPX_BS_HDR_BAD_MAGIC;
-  if (h->version != EPX_PROTOCOL_VERSION) return EPX_BS_HDR_BAD_VERSION;
+  if (h->version != EPX_BS_PROTOCOL_VERSION) return EPX_BS_HDR_BAD_VERSION;
   if (h->type < EPX_BS_CHALLENGE || h->type > EPX_BS_ERROR || !(allowed & EPX_BS_TYPE_BIT(h->type)))
     return EPX_BS_HDR_BAD_TYPE;
   uint32_t max = epx_bs_max_payload((epxBsFrameType)h->type, nranks);
-  if (h->len > max || (fixed_size(h->type) && h->len != max)) return EPX_BS_HDR_BAD_LENGTH;
+  if (h->len > max || h->len < min_len(h->type) || (fixed_size(h->type) && h->len != max))
+    return EPX_BS_HDR_BAD_LENGTH;
   return EPX_BS_HDR_OK;
 }
 
@@ -207,6 +217,54 @@ int epx_bs_mac_equal(const uint8_t a[EPX_BS_MAC_BYTES], const uint8_t b[EPX_BS_M
   volatile uint8_t diff = 0;
   for (int i = 0; i < EPX_BS_MAC_BYTES; i++) diff |= (uint8_t)(a[i] ^ b[i]);
   return diff == 0;
+}
+
+static const char k_session_label[] = "epx-session";
+
+void epx_bs_session_key(const uint8_t secret[EPX_BS_SECRET_BYTES],
+                        const uint8_t root_nonce[EPX_BS_NONCE_BYTES],
+                        const uint8_t client_nonce[EPX_BS_NONCE_BYTES], uint32_t rank,
+                        uint32_t nranks, uint8_t key[EPX_BS_KEY_BYTES]) {
+  uint8_t msg[sizeof(k_session_label) - 1 + 2 * EPX_BS_NONCE_BYTES + 8];
+  size_t n = 0;
+  memcpy(msg + n, k_session_label, sizeof(k_session_label) - 1);
+  n += sizeof(k_session_label) - 1;
+  memcpy(msg + n, root_nonce, EPX_BS_NONCE_BYTES);
+  n += EPX_BS_NONCE_BYTES;
+  memcpy(msg + n, client_nonce, EPX_BS_NONCE_BYTES);
+  n += EPX_BS_NONCE_BYTES;
+  put32(msg + n, rank);
+  put32(msg + n + 4, nranks);
+  n += 8;
+  epx_hmac_sha256(secret, EPX_BS_SECRET_BYTES, msg, n, key);
+}
+
+void epx_bs_frame_mac(const uint8_t key[EPX_BS_KEY_BYTES], uint8_t dir, uint64_t seq,
+                      const uint8_t hdr[EPX_BS_HEADER_BYTES], const void *payload, size_t len,
+                      uint8_t mac[EPX_BS_MAC_BYTES]) {
+  uint8_t prefix[1 + 8];
+  prefix[0] = dir;
+  put64(prefix + 1, seq);
+  const void *parts[3] = {prefix, hdr, payload};
+  size_t lens[3] = {sizeof(prefix), EPX_BS_HEADER_BYTES, payload ? len : 0};
+  epx_hmac_sha256_parts(key, EPX_BS_KEY_BYTES, parts, lens, 3, mac);
+}
+
+void epx_bs_frame_seal(const uint8_t key[EPX_BS_KEY_BYTES], uint8_t dir, uint64_t seq,
+                       epxBsFrameType type, uint32_t rank, const void *payload, uint32_t len,
+                       uint8_t hdr[EPX_BS_HEADER_BYTES], uint8_t mac[EPX_BS_MAC_BYTES]) {
+  epx_bs_header_encode(hdr, type, rank, len + EPX_BS_MAC_BYTES);
+  epx_bs_frame_mac(key, dir, seq, hdr, payload, len, mac);
+}
+
+int epx_bs_frame_check(const uint8_t key[EPX_BS_KEY_BYTES], uint8_t dir, uint64_t seq,
+                       const uint8_t hdr[EPX_BS_HEADER_BYTES], const void *payload, size_t len,
+                       const uint8_t mac[EPX_BS_MAC_BYTES]) {
+  uint8_t want[EPX_BS_MAC_BYTES];
+  epx_bs_frame_mac(key, dir, seq, hdr, payload, len, want);
+  int ok = epx_bs_mac_equal(want, mac);
+  explicit_bzero(want, sizeof(want));
+  return ok;
 }
 
 size_t epx_bs_error_encode(uint8_t *out, size_t cap, epxResult_t code, const char *msg) {

@@ -16,13 +16,18 @@
  * as committed (tests/fuzz/make_seeds.py regenerates them).
  *
  * Input layout: the whole input is first thrown at the pure decoders (frame
- * header, error frame, unique id, HELLO, rank lists). Then it is read as a
- * script of operations on an in-process root with fd = -1 connections:
+ * header, error frame, unique id, HELLO, rank lists, frame MACs). Then it is
+ * read as a script of operations on an in-process root with fd = -1
+ * connections:
  *   0 open a connection         1 feed it raw bytes     2 feed a valid HELLO
  *   3 feed a DATA frame         4 peer closes           5 flush its output
  *   6 advance time and tick     7 sweep dead connections
- * Valid HELLOs (op 2) are computed with the root's secret, so the script
- * reaches the admitted-rank and all-gather paths, not only the refusals.
+ * Valid HELLOs (op 2) are computed with the root's secret, and DATA frames
+ * (op 3) are sealed with the connection's session key and next sequence
+ * number, so the script reaches the admitted-rank and all-gather paths, not
+ * only the refusals. Op 3's mode byte spoils the frame on request (a flipped
+ * bit, a replayed sequence number, the wrong direction): the root must then
+ * refuse it and fail the rendezvous.
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -63,7 +68,41 @@ static void decoders(const uint8_t *data, size_t size) {
     if (epx_bs_header_decode(data, allowed, nranks, &h) == EPX_BS_HDR_OK) {
       INVARIANT(h.len <= epx_bs_max_payload((epxBsFrameType)h.type, nranks));
       INVARIANT(allowed & EPX_BS_TYPE_BIT(h.type));
+      INVARIANT(h.version == EPX_BS_PROTOCOL_VERSION);
+      /* Frames that are always authenticated have room for the trailer. */
+      if (h.type == EPX_BS_DATA || h.type == EPX_BS_RESULT || h.type == EPX_BS_READY)
+        INVARIANT(h.len >= EPX_BS_MAC_BYTES);
     }
+  }
+  /* Frame MACs: a sealed frame verifies; with one bit changed (header,
+   * payload or trailer), another sequence number or direction, it does not. */
+  if (size >= EPX_BS_KEY_BYTES + 12) {
+    const uint8_t *key = data;
+    uint64_t seq;
+    memcpy(&seq, data + EPX_BS_KEY_BYTES, 8);
+    const uint8_t *pay = data + EPX_BS_KEY_BYTES + 12;
+    size_t plen = size - EPX_BS_KEY_BYTES - 12;
+    if (plen > 4096) plen = 4096;
+    uint8_t hdr[EPX_BS_HEADER_BYTES], mac[EPX_BS_MAC_BYTES], copy[4096];
+    uint8_t dir = (data[EPX_BS_KEY_BYTES + 8] & 1) ? EPX_BS_DIR_TO_ROOT : EPX_BS_DIR_TO_CLIENT;
+    epx_bs_frame_seal(key, dir, seq, EPX_BS_DATA, 1, pay, (uint32_t)plen, hdr, mac);
+    INVARIANT(epx_bs_frame_check(key, dir, seq, hdr, pay, plen, mac));
+    INVARIANT(!epx_bs_frame_check(key, dir, seq + 1, hdr, pay, plen, mac));
+    INVARIANT(!epx_bs_frame_check(key, (uint8_t)(3 - dir), seq, hdr, pay, plen, mac));
+    uint32_t at;
+    memcpy(&at, data + EPX_BS_KEY_BYTES + 8, 4);
+    at >>= 1;
+    size_t total = EPX_BS_HEADER_BYTES + plen + EPX_BS_MAC_BYTES;
+    size_t pos = at % total;
+    uint8_t bit = (uint8_t)(1u << (at / (uint32_t)total % 8));
+    memcpy(copy, pay, plen);
+    if (pos < EPX_BS_HEADER_BYTES)
+      hdr[pos] ^= bit;
+    else if (pos < EPX_BS_HEADER_BYTES + plen)
+      copy[pos - EPX_BS_HEADER_BYTES] ^= bit;
+    else
+      mac[pos - EPX_BS_HEADER_BYTES - plen] ^= bit;
+    INVARIANT(!epx_bs_frame_check(key, dir, seq, hdr, copy, plen, mac));
   }
   char msg[EPX_BS_ERROR_TEXT_MAX + 1];
   size_t elen = size < EPX_BS_ERROR_MAX_PAYLOAD ? size : EPX_BS_ERROR_MAX_PAYLOAD;
@@ -170,14 +209,36 @@ static void root_script(const uint8_t *data, size_t size) {
         epx_root_input(r, c, frame, sizeof(frame), now);
         break;
       }
-      case 3: { /* a DATA frame marked with the connection's rank */
-        int len = next(&s);
+      case 3: { /* a DATA frame marked with the connection's rank, sealed */
+        int mode = next(&s), len = next(&s);
         if (len < 0) break;
         size_t n = (size_t)len < s.left ? (size_t)len : s.left;
-        uint8_t hdr[EPX_BS_HEADER_BYTES];
-        epx_bs_header_encode(hdr, EPX_BS_DATA, c->rank < 0 ? 0u : (uint32_t)c->rank, (uint32_t)n);
+        uint8_t hdr[EPX_BS_HEADER_BYTES], mac[EPX_BS_MAC_BYTES], copy[256];
+        uint64_t seq = c->rx_seq;
+        uint8_t dir = EPX_BS_DIR_TO_ROOT;
+        mode %= 4; /* 0 valid, 1 one bit flipped, 2 replayed sequence number, 3 wrong direction */
+        if (mode == 2) seq = seq > 0 ? seq - 1 : seq + 1;
+        if (mode == 3) dir = EPX_BS_DIR_TO_CLIENT;
+        epx_bs_frame_seal(c->key, dir, seq, EPX_BS_DATA, c->rank < 0 ? 0u : (uint32_t)c->rank, s.p,
+                          (uint32_t)n, hdr, mac);
+        memcpy(copy, s.p, n);
+        if (mode == 1) {
+          if (n > 0)
+            copy[(size_t)len % n] ^= 0x10;
+          else
+            mac[len % EPX_BS_MAC_BYTES] ^= 0x10;
+        }
+        /* A clean start on an admitted connection of a running rendezvous:
+         * the verdict is known in advance. */
+        int judged = c->state == EPX_RC_RANK && c->authed && c->hdr_got == 0 && !c->in_payload &&
+                     r->phase == EPX_ROOT_RUNNING;
+        uint64_t refused = r->refused;
         epx_root_input(r, c, hdr, sizeof(hdr), now);
-        epx_root_input(r, c, s.p, n, now);
+        epx_root_input(r, c, copy, n, now);
+        epx_root_input(r, c, mac, sizeof(mac), now);
+        if (judged && mode != 0)
+          INVARIANT(r->refused == refused + 1 && r->phase == EPX_ROOT_FAILED);
+        if (judged && mode == 0) INVARIANT(r->refused == refused);
         s.p += n;
         s.left -= n;
         break;

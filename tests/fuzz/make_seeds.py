@@ -10,7 +10,7 @@ import struct
 OPEN, RAW, HELLO, DATA, CLOSE, FLUSH, TICK, SWEEP = range(8)
 
 
-def header(ftype, rank, length, magic=0x42585045, version=1):
+def header(ftype, rank, length, magic=0x42585045, version=2):
     return struct.pack("<IHHII", magic, version, ftype, rank, length)
 
 
@@ -23,8 +23,13 @@ def hello(idx, rank, nranks, timeout_units):
     return bytes([HELLO, idx, rank, nranks, timeout_units])
 
 
-def data(idx, payload):
-    return bytes([DATA, idx, len(payload)]) + payload
+# op 3's mode byte: the fuzzer seals the DATA frame with the connection's
+# session key and next sequence number, then spoils it on request
+VALID, FLIPPED, REPLAYED, REFLECTED = range(4)
+
+
+def data(idx, payload, mode=VALID):
+    return bytes([DATA, idx, mode, len(payload)]) + payload
 
 
 SEEDS = {
@@ -44,6 +49,15 @@ SEEDS = {
     # sizes differ within a round; a rank leaves mid-round
     "mismatch_and_leave": bytes([OPEN, OPEN, OPEN]) + hello(0, 0, 3, 100) + hello(1, 1, 3, 100)
     + hello(2, 2, 3, 100) + data(0, b"aa") + data(1, b"bbb") + bytes([CLOSE, 2, TICK, 30, SWEEP]),
+    # an altered DATA frame after a good round (authentication fails the rendezvous)
+    "flipped_data": bytes([OPEN, OPEN]) + hello(0, 0, 2, 50) + hello(1, 1, 2, 50)
+    + data(0, b"ab") + data(1, b"cd") + data(0, b"xy", FLIPPED) + bytes([FLUSH, 1, SWEEP]),
+    # a DATA frame replayed (its sequence number already used), one sealed for the other direction
+    "replayed_data": bytes([OPEN, OPEN, OPEN]) + hello(0, 0, 2, 50) + hello(1, 1, 2, 50)
+    + data(0, b"ab") + data(1, b"cd") + data(0, b"ab", REPLAYED) + hello(2, 0, 2, 50)
+    + data(1, b"", REFLECTED) + bytes([TICK, 30, SWEEP]),
+    # a frame of protocol version 1 (no MAC trailers) where a HELLO is expected
+    "version_1_hello": bytes([OPEN]) + raw(0, header(2, 0, 56, version=1)) + bytes([SWEEP]),
     # a header split over two reads, wrong version
     "split_bad_version": bytes([OPEN]) + raw(0, header(2, 0, 56, version=9)[:7])
     + raw(0, header(2, 0, 56, version=9)[7:]) + bytes([SWEEP]),

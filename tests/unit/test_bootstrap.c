@@ -1,10 +1,13 @@
 /*
  * test_bootstrap.c - the rendezvous layer: SHA-256/HMAC vectors, the wire
- * format, the root's state machine driven in-process, the callback bootstrap,
- * and the TCP bootstrap with real processes (fork): all-gathers on 1-8 ranks,
- * a rank that never arrives, a wrong secret, duplicate ranks and a wrong rank
- * count, a rank that dies or leaves, the root's own deadline, and hostile
- * traffic at the root's port while a good init runs.
+ * format, the frame MACs (known answers from Python's hmac module), the root's
+ * state machine driven in-process (including forged, altered and replayed DATA
+ * frames), a fake root that forges frames toward a real client, the callback
+ * bootstrap, and the TCP bootstrap with real processes (fork): all-gathers on
+ * 1-8 ranks, a rank that never arrives, a wrong secret, duplicate ranks and a
+ * wrong rank count, a rank that dies or leaves, the root's own deadline, a
+ * forged DATA frame at a real root, and hostile traffic at the root's port
+ * while a good init runs.
  *
  * Prints "FAIL ..." lines and exits nonzero when anything fails. Forked ranks
  * exit through exit(), so under ASan each of them is leak-checked too.
@@ -12,6 +15,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
@@ -38,6 +42,7 @@ static const char *g_where = "main"; /* scenario and rank, for messages from chi
 #define CHECK(cond, ...) EPX_TEST_CHECK(g_failures, g_where, cond, __VA_ARGS__)
 
 static int64_t ms_now(void) { return epx_now_ns() / 1000000; }
+static int64_t deadline_from_now(int ms) { return epx_now_ns() + (int64_t)ms * 1000000LL; }
 
 static void sleep_ms(int ms) {
   struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
@@ -151,18 +156,48 @@ static void wire_format_checks(void) {
   CHECK(epx_bs_header_decode(hdr, EPX_BS_TYPE_BIT(EPX_BS_HELLO), 4, &h) == EPX_BS_HDR_BAD_TYPE,
         "DATA accepted where only HELLO is expected");
 
-  epx_bs_header_encode(hdr, EPX_BS_DATA, 0, EPX_BOOTSTRAP_MAX_PAYLOAD + 1);
+  /* Length bounds count the MAC trailer of authenticated frames. */
+  epx_bs_header_encode(hdr, EPX_BS_DATA, 0, EPX_BOOTSTRAP_MAX_PAYLOAD + EPX_BS_MAC_BYTES);
+  CHECK(epx_bs_header_decode(hdr, data, 4, &h) == EPX_BS_HDR_OK, "largest upload refused");
+  epx_bs_header_encode(hdr, EPX_BS_DATA, 0, EPX_BOOTSTRAP_MAX_PAYLOAD + EPX_BS_MAC_BYTES + 1);
   CHECK(epx_bs_header_decode(hdr, data, 4, &h) == EPX_BS_HDR_BAD_LENGTH, "oversized upload");
+  epx_bs_header_encode(hdr, EPX_BS_DATA, 0, EPX_BS_MAC_BYTES - 1);
+  CHECK(epx_bs_header_decode(hdr, data, 4, &h) == EPX_BS_HDR_BAD_LENGTH,
+        "DATA too short for its MAC");
   epx_bs_header_encode(hdr, EPX_BS_DATA, 0, 0x80000000u);
   CHECK(epx_bs_header_decode(hdr, data, 4, &h) == EPX_BS_HDR_BAD_LENGTH, "2 GB length");
   epx_bs_header_encode(hdr, EPX_BS_HELLO, 0, EPX_BS_HELLO_BYTES - 1);
   CHECK(epx_bs_header_decode(hdr, EPX_BS_TYPE_BIT(EPX_BS_HELLO), 0, &h) == EPX_BS_HDR_BAD_LENGTH,
         "short HELLO");
-  epx_bs_header_encode(hdr, EPX_BS_RESULT, 0, 4 * EPX_BOOTSTRAP_MAX_PAYLOAD);
+  epx_bs_header_encode(hdr, EPX_BS_RESULT, 0, 4 * EPX_BOOTSTRAP_MAX_PAYLOAD + EPX_BS_MAC_BYTES);
   CHECK(epx_bs_header_decode(hdr, EPX_BS_TYPE_BIT(EPX_BS_RESULT), 4, &h) == EPX_BS_HDR_OK,
         "RESULT of 4 full parts");
   CHECK(epx_bs_header_decode(hdr, EPX_BS_TYPE_BIT(EPX_BS_RESULT), 3, &h) == EPX_BS_HDR_BAD_LENGTH,
         "RESULT larger than nranks parts");
+  epx_bs_header_encode(hdr, EPX_BS_RESULT, 0, 4 * EPX_BOOTSTRAP_MAX_PAYLOAD + EPX_BS_MAC_BYTES + 1);
+  CHECK(epx_bs_header_decode(hdr, EPX_BS_TYPE_BIT(EPX_BS_RESULT), 4, &h) == EPX_BS_HDR_BAD_LENGTH,
+        "RESULT over 4 parts and a MAC");
+  epx_bs_header_encode(hdr, EPX_BS_READY, 0, 0);
+  CHECK(epx_bs_header_decode(hdr, EPX_BS_TYPE_BIT(EPX_BS_READY), 4, &h) == EPX_BS_HDR_BAD_LENGTH,
+        "READY without its MAC");
+  epx_bs_header_encode(hdr, EPX_BS_READY, 0, EPX_BS_MAC_BYTES);
+  CHECK(epx_bs_header_decode(hdr, EPX_BS_TYPE_BIT(EPX_BS_READY), 4, &h) == EPX_BS_HDR_OK,
+        "READY with its MAC refused");
+  epx_bs_header_encode(hdr, EPX_BS_ERROR, 0, EPX_BS_ERROR_MAX_LEN);
+  CHECK(epx_bs_header_decode(hdr, EPX_BS_TYPE_BIT(EPX_BS_ERROR), 4, &h) == EPX_BS_HDR_OK,
+        "longest authenticated ERROR refused");
+  epx_bs_header_encode(hdr, EPX_BS_ERROR, 0, EPX_BS_ERROR_MAX_LEN + 1);
+  CHECK(epx_bs_header_decode(hdr, EPX_BS_TYPE_BIT(EPX_BS_ERROR), 4, &h) == EPX_BS_HDR_BAD_LENGTH,
+        "overlong ERROR");
+  /* Mixed versions: a frame of protocol version 1 (no MACs) is refused at the header. */
+  CHECK(EPX_BS_PROTOCOL_VERSION == 2, "bootstrap protocol version %d", EPX_BS_PROTOCOL_VERSION);
+  epx_bs_header_encode(hdr, EPX_BS_CHALLENGE, EPX_BS_NO_RANK, EPX_BS_NONCE_BYTES);
+  CHECK(hdr[4] == EPX_BS_PROTOCOL_VERSION && hdr[5] == 0, "version bytes %u %u", hdr[4], hdr[5]);
+  hdr[4] = 1;
+  CHECK(epx_bs_header_decode(hdr, EPX_BS_TYPE_BIT(EPX_BS_CHALLENGE), 4, &h) ==
+                EPX_BS_HDR_BAD_VERSION &&
+            h.version == 1,
+        "a version 1 CHALLENGE accepted");
   epx_bs_header_encode(hdr, EPX_BS_DATA, 0, 1);
   hdr[0] ^= 1;
   CHECK(epx_bs_header_decode(hdr, data, 4, &h) == EPX_BS_HDR_BAD_MAGIC, "bad magic");
@@ -215,36 +250,182 @@ static void wire_format_checks(void) {
         "long rank list: '%s'", list);
 }
 
+/* ============================================================= frame MACs */
+
+static void unhex(const char *h, uint8_t *out, size_t n) {
+  for (size_t i = 0; i < n; i++) {
+    unsigned v = 0;
+    sscanf(h + 2 * i, "%2x", &v);
+    out[i] = (uint8_t)v;
+  }
+}
+
+/* Expected values computed with Python's hmac/hashlib/struct (an independent
+ * implementation of HMAC-SHA256 and of the byte layout in wire.h):
+ *   sec = bytes(range(16)); rn = bytes(range(16, 32)); cn = bytes(range(32, 48))
+ *   K = hmac.new(sec, b"epx-session" + rn + cn + struct.pack("<II", 3, 8), sha256)
+ *   hdr(t, rank, n) = struct.pack("<IHHII", 0x42585045, 2, t, rank, n)
+ *   mac(d, seq, h, p) = hmac.new(K, bytes([d]) + struct.pack("<Q", seq) + h + p, sha256) */
+static void frame_mac_checks(void) {
+  g_where = "frame-mac";
+  uint8_t secret[16], rn[16], cn[16], key[32], want[32], hdr[EPX_BS_HEADER_BYTES], mac[32];
+  char got[65];
+  for (int i = 0; i < 16; i++) {
+    secret[i] = (uint8_t)i;
+    rn[i] = (uint8_t)(16 + i);
+    cn[i] = (uint8_t)(32 + i);
+  }
+  epx_bs_session_key(secret, rn, cn, 3, 8, key);
+  hex(key, 32, got);
+  CHECK(strcmp(got, "7b86ecc8b9e260e3718f85451ea561303656879b470b48d8e64a42953089ddff") == 0,
+        "session key %s", got);
+
+  /* RESULT, root -> client, seq 5, payload "abcd": header bytes and trailer. */
+  epx_bs_frame_seal(key, EPX_BS_DIR_TO_CLIENT, 5, EPX_BS_RESULT, 3, "abcd", 4, hdr, mac);
+  hex(hdr, EPX_BS_HEADER_BYTES, got);
+  CHECK(strcmp(got, "45505842020006000300000024000000") == 0, "sealed RESULT header %s", got);
+  hex(mac, 32, got);
+  CHECK(strcmp(got, "965d827e2b387f72ebae95a4e08061a51785dc3a18662768ab91fb8e877247d2") == 0,
+        "RESULT trailer %s", got);
+  /* DATA, client -> root, a sequence number that shows the u64 byte order. */
+  uint8_t pay[100];
+  for (int i = 0; i < 100; i++) pay[i] = (uint8_t)(i * 13 + 1);
+  epx_bs_frame_seal(key, EPX_BS_DIR_TO_ROOT, 0x0102030405060708ull, EPX_BS_DATA, 3, pay, 100, hdr,
+                    mac);
+  unhex("2e44df9285ba4effc369dc619799bf4e1b8cdf0f9d44a96da9ceb5fc4ac028b6", want, 32);
+  CHECK(memcmp(mac, want, 32) == 0, "DATA trailer");
+  CHECK(epx_bs_frame_check(key, EPX_BS_DIR_TO_ROOT, 0x0102030405060708ull, hdr, pay, 100, want),
+        "the known DATA trailer does not verify");
+  /* READY: no payload, the trailer only. */
+  epx_bs_frame_seal(key, EPX_BS_DIR_TO_CLIENT, 0, EPX_BS_READY, 3, NULL, 0, hdr, mac);
+  hex(mac, 32, got);
+  CHECK(strcmp(got, "dbec129db32d45d0572ba89531396227d1471b1abff210d25fbc6fc5c3669624") == 0,
+        "READY trailer %s", got);
+
+  /* The multi-part HMAC equals the one-shot HMAC of the concatenation, at
+   * every split point (block boundaries included). */
+  uint8_t buf[200], one[32], parts_mac[32];
+  for (int i = 0; i < 200; i++) buf[i] = (uint8_t)(i * 31 + 7);
+  epx_hmac_sha256(key, 32, buf, sizeof(buf), one);
+  int bad_split = -1;
+  for (size_t a = 0; a <= sizeof(buf); a += 9) {
+    for (size_t b = a; b <= sizeof(buf); b += 23) {
+      const void *parts[3] = {buf, buf + a, buf + b};
+      size_t lens[3] = {a, b - a, sizeof(buf) - b};
+      epx_hmac_sha256_parts(key, 32, parts, lens, 3, parts_mac);
+      if (memcmp(one, parts_mac, 32) != 0) bad_split = (int)(a * 1000 + b);
+    }
+  }
+  CHECK(bad_split < 0, "multi-part HMAC differs at split %d", bad_split);
+
+  /* Any change to what the trailer covers makes the check fail. */
+  epx_bs_frame_seal(key, EPX_BS_DIR_TO_ROOT, 7, EPX_BS_DATA, 3, pay, 100, hdr, mac);
+  CHECK(epx_bs_frame_check(key, EPX_BS_DIR_TO_ROOT, 7, hdr, pay, 100, mac), "sealed frame refused");
+  CHECK(!epx_bs_frame_check(key, EPX_BS_DIR_TO_CLIENT, 7, hdr, pay, 100, mac),
+        "accepted in the other direction (reflection)");
+  CHECK(!epx_bs_frame_check(key, EPX_BS_DIR_TO_ROOT, 6, hdr, pay, 100, mac) &&
+            !epx_bs_frame_check(key, EPX_BS_DIR_TO_ROOT, 8, hdr, pay, 100, mac),
+        "accepted under another sequence number (replay)");
+  int missed = 0;
+  for (int i = 0; i < EPX_BS_HEADER_BYTES; i++) {
+    hdr[i] ^= 0x01;
+    missed += epx_bs_frame_check(key, EPX_BS_DIR_TO_ROOT, 7, hdr, pay, 100, mac);
+    hdr[i] ^= 0x01;
+  }
+  for (int i = 0; i < 100; i++) {
+    pay[i] ^= 0x80;
+    missed += epx_bs_frame_check(key, EPX_BS_DIR_TO_ROOT, 7, hdr, pay, 100, mac);
+    pay[i] ^= 0x80;
+  }
+  for (int i = 0; i < 32; i++) {
+    mac[i] ^= 0x10;
+    missed += epx_bs_frame_check(key, EPX_BS_DIR_TO_ROOT, 7, hdr, pay, 100, mac);
+    mac[i] ^= 0x10;
+  }
+  CHECK(missed == 0, "%d one-bit changes of header, payload or trailer went unnoticed", missed);
+  CHECK(!epx_bs_frame_check(key, EPX_BS_DIR_TO_ROOT, 7, hdr, pay, 99, mac), "truncated payload");
+  uint8_t key2[32];
+  epx_bs_session_key(secret, rn, cn, 4, 8, key2); /* another rank's connection */
+  CHECK(memcmp(key, key2, 32) != 0 &&
+            !epx_bs_frame_check(key2, EPX_BS_DIR_TO_ROOT, 7, hdr, pay, 100, mac),
+        "a frame of one connection verifies on another");
+  epx_bs_session_key(secret, rn, cn, 3, 9, key2);
+  CHECK(memcmp(key, key2, 32) != 0, "the session key ignores nranks");
+  cn[15] ^= 1;
+  epx_bs_session_key(secret, rn, cn, 3, 8, key2);
+  CHECK(memcmp(key, key2, 32) != 0, "the session key ignores the client nonce");
+}
+
 /* ======================================================= root, in-process */
 
-/* Feeds a valid HELLO for `rank` of `nranks`, answering c's challenge. */
+/* The client's side of one connection to an in-process root: the session
+ * key the client derives on its own (from the secret and both nonces, as
+ * tcp.c does), and its sequence numbers. */
+typedef struct Peer {
+  uint8_t key[EPX_BS_KEY_BYTES];
+  uint64_t tx, rx;
+} Peer;
+
+/* Feeds a valid HELLO for `rank` of `nranks`, answering c's challenge; fills
+ * *p (if given) with the client's session. */
 static void feed_hello(epxRoot *r, epxRootConn *c, const uint8_t *secret, uint32_t rank,
-                       uint32_t nranks, int64_t now) {
+                       uint32_t nranks, int64_t now, Peer *p) {
   epxBsHello hello;
   memset(&hello, 0, sizeof(hello));
   hello.client_nonce[0] = (uint8_t)rank;
+  hello.client_nonce[1] = 0x5a;
   hello.nranks = nranks;
   hello.timeout_ms = 10000;
   epx_bs_client_mac(secret, c->nonce, rank, &hello, hello.mac);
   uint8_t frame[EPX_BS_HEADER_BYTES + EPX_BS_HELLO_BYTES];
   epx_bs_header_encode(frame, EPX_BS_HELLO, rank, EPX_BS_HELLO_BYTES);
   epx_bs_hello_encode(&hello, frame + EPX_BS_HEADER_BYTES);
+  if (p) {
+    epx_bs_session_key(secret, c->nonce, hello.client_nonce, rank, nranks, p->key);
+    p->tx = p->rx = 0;
+  }
   /* In two pieces, as a socket may deliver it. */
   epx_root_input(r, c, frame, 7, now);
   epx_root_input(r, c, frame + 7, sizeof(frame) - 7, now);
 }
 
-static void feed_data(epxRoot *r, epxRootConn *c, uint32_t rank, const void *p, uint32_t len,
-                      int64_t now) {
-  uint8_t hdr[EPX_BS_HEADER_BYTES];
-  epx_bs_header_encode(hdr, EPX_BS_DATA, rank, len);
-  epx_root_input(r, c, hdr, sizeof(hdr), now);
-  if (len) epx_root_input(r, c, (const uint8_t *)p, len, now);
+/* Builds an authenticated DATA frame (header, payload, trailer) into out;
+ * returns its size. */
+static size_t seal_data(Peer *p, uint32_t rank, const void *data, uint32_t len, uint8_t *out) {
+  uint8_t mac[EPX_BS_MAC_BYTES];
+  epx_bs_frame_seal(p->key, EPX_BS_DIR_TO_ROOT, p->tx++, EPX_BS_DATA, rank, data, len, out, mac);
+  if (len) memcpy(out + EPX_BS_HEADER_BYTES, data, len);
+  memcpy(out + EPX_BS_HEADER_BYTES + len, mac, EPX_BS_MAC_BYTES);
+  return EPX_BS_HEADER_BYTES + len + EPX_BS_MAC_BYTES;
+}
+
+static void feed_data(epxRoot *r, epxRootConn *c, Peer *p, uint32_t rank, const void *data,
+                      uint32_t len, int64_t now) {
+  uint8_t frame[EPX_BS_HEADER_BYTES + 64 + EPX_BS_MAC_BYTES];
+  if (len > 64) return;
+  size_t n = seal_data(p, rank, data, len, frame);
+  /* Header, payload and trailer in separate reads. */
+  epx_root_input(r, c, frame, EPX_BS_HEADER_BYTES, now);
+  if (len) epx_root_input(r, c, frame + EPX_BS_HEADER_BYTES, len, now);
+  epx_root_input(r, c, frame + EPX_BS_HEADER_BYTES + len, n - EPX_BS_HEADER_BYTES - len, now);
 }
 
 static int last_type(const epxRootConn *c) {
   if (!c->out_tail) return -1;
   return c->out_tail->hdr[6] | c->out_tail->hdr[7] << 8;
+}
+
+/* Whether the last frame queued on c is authenticated for client p (with
+ * p's next receive sequence number, which it then advances). */
+static int last_authentic(const epxRootConn *c, Peer *p) {
+  const epxBsOut *o = c->out_tail;
+  if (!o || !o->has_mac) return 0;
+  uint32_t len = o->payload ? o->payload->len : 0;
+  if ((uint32_t)(o->hdr[12] | o->hdr[13] << 8 | o->hdr[14] << 16 | (uint32_t)o->hdr[15] << 24) !=
+      len + EPX_BS_MAC_BYTES)
+    return 0;
+  return epx_bs_frame_check(p->key, EPX_BS_DIR_TO_CLIENT, p->rx++, o->hdr,
+                            o->payload ? o->payload->data : NULL, len, o->mac);
 }
 
 static void root_state_machine(void) {
@@ -259,51 +440,431 @@ static void root_state_machine(void) {
   epxRootConn *c1 = epx_root_add_conn(r, -1, "c1", t);
   epxRootConn *bad = epx_root_add_conn(r, -1, "bad", t);
   epxRootConn *huge = epx_root_add_conn(r, -1, "huge", t);
-  CHECK(last_type(c0) == EPX_BS_CHALLENGE, "no challenge queued");
+  CHECK(last_type(c0) == EPX_BS_CHALLENGE && !c0->out_tail->has_mac, "no plain challenge queued");
 
   uint8_t wrong[16];
   memset(wrong, 8, sizeof(wrong));
-  feed_hello(r, bad, wrong, 0, 2, t);
+  feed_hello(r, bad, wrong, 0, 2, t, NULL);
   CHECK(bad->state == EPX_RC_CLOSING && last_type(bad) == EPX_BS_ERROR, "wrong MAC admitted");
+  CHECK(!bad->out_tail->has_mac, "a refusal before the WELCOME carries a MAC");
   uint8_t hdr[EPX_BS_HEADER_BYTES];
   epx_bs_header_encode(hdr, EPX_BS_HELLO, 0, 0x7fffffffu);
   epx_root_input(r, huge, hdr, sizeof(hdr), t);
   CHECK(huge->state == EPX_RC_CLOSING && huge->payload == NULL, "2 GB HELLO not refused");
   CHECK(r->refused == 2, "refusals counted: %llu", (unsigned long long)r->refused);
 
-  feed_hello(r, c0, secret, 0, 2, t);
+  Peer p0, p1;
+  feed_hello(r, c0, secret, 0, 2, t, &p0);
   CHECK(c0->state == EPX_RC_RANK && r->phase == EPX_ROOT_GATHER, "rank 0 not admitted");
+  CHECK(last_type(c0) == EPX_BS_WELCOME && !c0->out_tail->has_mac, "WELCOME missing or MACed");
   epxRootConn *dup = epx_root_add_conn(r, -1, "dup", t);
-  feed_hello(r, dup, secret, 0, 2, t);
+  feed_hello(r, dup, secret, 0, 2, t, NULL);
   CHECK(dup->state == EPX_RC_CLOSING, "duplicate rank 0 admitted");
   epxRootConn *mis = epx_root_add_conn(r, -1, "mis", t);
-  feed_hello(r, mis, secret, 1, 3, t);
+  feed_hello(r, mis, secret, 1, 3, t, NULL);
   CHECK(mis->state == EPX_RC_CLOSING, "nranks 3 admitted into a 2-rank rendezvous");
-  feed_hello(r, c1, secret, 1, 2, t);
+  feed_hello(r, c1, secret, 1, 2, t, &p1);
   CHECK(r->phase == EPX_ROOT_RUNNING && last_type(c0) == EPX_BS_READY &&
             last_type(c1) == EPX_BS_READY,
         "READY not sent to both ranks");
+  CHECK(last_authentic(c0, &p0) && last_authentic(c1, &p1),
+        "READY not authenticated under the keys the clients derive");
 
   for (size_t i = 0; i < r->nconns; i++) epx_root_flush(r, r->conns[i], t);
   epx_root_sweep(r);
-  feed_data(r, c0, 0, "ab", 2, t);
+  feed_data(r, c0, &p0, 0, "ab", 2, t);
   CHECK(r->round_count == 1 && c0->out_head == NULL, "round completed early");
-  feed_data(r, c1, 1, "cd", 2, t);
+  feed_data(r, c1, &p1, 1, "cd", 2, t);
   CHECK(r->round == 1 && last_type(c0) == EPX_BS_RESULT && last_type(c1) == EPX_BS_RESULT,
         "round 1 not relayed");
   CHECK(c0->out_tail && c0->out_tail->payload && c0->out_tail->payload == c1->out_tail->payload &&
             memcmp(c0->out_tail->payload->data, "abcd", 4) == 0,
         "round 1 result wrong");
+  CHECK(last_authentic(c0, &p0) && last_authentic(c1, &p1), "RESULT not authenticated (seq 1)");
   epx_root_flush(r, c0, t);
   epx_root_flush(r, c1, t);
 
   /* A rank's deadline passing while it waits fails the session for everyone. */
-  feed_data(r, c0, 0, "x", 1, t);
+  feed_data(r, c0, &p0, 0, "x", 1, t);
   epx_root_tick(r, t + 10001000000LL); /* HELLO said timeout_ms = 10000 */
   CHECK(r->phase == EPX_ROOT_FAILED && c0->state == EPX_RC_CLOSING && c1->state == EPX_RC_CLOSING,
         "deadline did not fail the round (phase %d)", (int)r->phase);
   CHECK(strstr(r->fail_msg, "missing ranks: 1") != NULL, "message: %s", r->fail_msg);
+  CHECK(last_type(c1) == EPX_BS_ERROR && last_authentic(c1, &p1),
+        "the ERROR after the WELCOME is not authenticated");
   epx_root_free(r);
+}
+
+/* ---- frames altered or replayed on the way to the root ---- */
+
+/* A root with ranks 0 and 1 of 2 admitted and their READY written. */
+static epxRoot *two_rank_root(const uint8_t *secret, int64_t t, epxRootConn **c, Peer *p) {
+  epxRoot *r = epx_root_new(secret, -1, t + 60000000000LL);
+  if (!r) return NULL;
+  for (int i = 0; i < 2; i++) {
+    c[i] = epx_root_add_conn(r, -1, i ? "rank1" : "rank0", t);
+    feed_hello(r, c[i], secret, (uint32_t)i, 2, t, &p[i]);
+  }
+  for (int i = 0; i < 2; i++) {
+    last_authentic(c[i], &p[i]); /* READY: seq 0 */
+    epx_root_flush(r, c[i], t);
+  }
+  if (r->phase != EPX_ROOT_RUNNING) {
+    epx_root_free(r);
+    return NULL;
+  }
+  return r;
+}
+
+/* The root refused a frame on rank 0's connection: counted, nothing of it
+ * used, the session failed with the reason, and rank 1 told in an
+ * authenticated ERROR. */
+static void expect_auth_refusal(epxRoot *r, epxRootConn **c, Peer *p, uint64_t refused_before,
+                                uint64_t rounds, const char *what) {
+  CHECK(r->phase == EPX_ROOT_FAILED, "%s: accepted (phase %d)", what, (int)r->phase);
+  CHECK(strstr(r->fail_msg, "frame authentication failed") && strstr(r->fail_msg, "rank 0"),
+        "%s: message: %s", what, r->fail_msg);
+  CHECK(r->refused == refused_before + 1, "%s: not counted (%llu refused)", what,
+        (unsigned long long)r->refused);
+  CHECK(r->round == rounds && r->round_count == 0 && r->round_buf == NULL,
+        "%s: the frame's data was used (round %llu, %d parts)", what, (unsigned long long)r->round,
+        r->round_count);
+  CHECK(c[1]->state == EPX_RC_CLOSING && last_type(c[1]) == EPX_BS_ERROR &&
+            last_authentic(c[1], &p[1]),
+        "%s: rank 1 not told in an authenticated ERROR", what);
+}
+
+static void root_frame_auth(void) {
+  g_where = "root-auth";
+  uint8_t secret[16];
+  uint8_t frame[EPX_BS_HEADER_BYTES + 64 + EPX_BS_MAC_BYTES];
+  memset(secret, 9, sizeof(secret));
+  int64_t t = 1000000000LL;
+  epxRootConn *c[2];
+  Peer p[2];
+
+  /* One payload byte flipped after sealing. */
+  epxRoot *r = two_rank_root(secret, t, c, p);
+  CHECK(r != NULL, "setup");
+  if (!r) return;
+  size_t n = seal_data(&p[0], 0, "abcd", 4, frame);
+  frame[EPX_BS_HEADER_BYTES + 2] ^= 0x04;
+  epx_root_input(r, c[0], frame, n, t);
+  expect_auth_refusal(r, c, p, 0, 0, "flipped payload byte");
+  epx_root_free(r);
+
+  /* One trailer byte flipped. */
+  r = two_rank_root(secret, t, c, p);
+  if (!r) return;
+  n = seal_data(&p[0], 0, "abcd", 4, frame);
+  frame[n - 1] ^= 0x01;
+  epx_root_input(r, c[0], frame, n, t);
+  expect_auth_refusal(r, c, p, 0, 0, "flipped trailer byte");
+  epx_root_free(r);
+
+  /* Replay: round 1 completes, then rank 0's DATA frame of round 1 comes
+   * again, byte for byte (it would start round 2 if sequence numbers were
+   * not checked). */
+  r = two_rank_root(secret, t, c, p);
+  if (!r) return;
+  n = seal_data(&p[0], 0, "ab", 2, frame);
+  epx_root_input(r, c[0], frame, n, t);
+  feed_data(r, c[1], &p[1], 1, "cd", 2, t);
+  CHECK(r->round == 1 && r->phase == EPX_ROOT_RUNNING, "round 1 failed: %s", r->fail_msg);
+  CHECK(last_authentic(c[1], &p[1]), "RESULT of round 1");
+  epx_root_flush(r, c[0], t);
+  epx_root_flush(r, c[1], t);
+  epx_root_input(r, c[0], frame, n, t);
+  expect_auth_refusal(r, c, p, 0, 1, "replayed DATA frame");
+  epx_root_free(r);
+
+  /* Reflection: a frame sealed for the other direction. */
+  r = two_rank_root(secret, t, c, p);
+  if (!r) return;
+  uint8_t mac[EPX_BS_MAC_BYTES];
+  epx_bs_frame_seal(p[0].key, EPX_BS_DIR_TO_CLIENT, 0, EPX_BS_DATA, 0, "ab", 2, frame, mac);
+  memcpy(frame + EPX_BS_HEADER_BYTES, "ab", 2);
+  memcpy(frame + EPX_BS_HEADER_BYTES + 2, mac, EPX_BS_MAC_BYTES);
+  epx_root_input(r, c[0], frame, EPX_BS_HEADER_BYTES + 2 + EPX_BS_MAC_BYTES, t);
+  expect_auth_refusal(r, c, p, 0, 0, "DATA sealed root -> client");
+  epx_root_free(r);
+
+  /* A DATA frame without a trailer (protocol version 1 layout, new version
+   * number) is refused at the header: too short for its MAC. */
+  r = two_rank_root(secret, t, c, p);
+  if (!r) return;
+  epx_bs_header_encode(frame, EPX_BS_DATA, 0, 0);
+  epx_root_input(r, c[0], frame, EPX_BS_HEADER_BYTES, t);
+  CHECK(r->phase == EPX_ROOT_FAILED && strstr(r->fail_msg, "length"),
+        "DATA without a trailer: %s", r->fail_msg);
+  epx_root_free(r);
+}
+
+/* ============================================== a fake root, in a thread */
+
+/* Reads exactly n bytes within ms (blocking socket or not); 0, or -1. */
+static int recv_exact(int fd, void *p, size_t n, int ms) {
+  size_t got = 0;
+  int64_t end = ms_now() + ms;
+  while (got < n) {
+    int64_t left = end - ms_now();
+    if (left <= 0) return -1;
+    struct pollfd pf = {fd, POLLIN, 0};
+    int rc = poll(&pf, 1, (int)left);
+    if (rc < 0 && errno == EINTR) continue;
+    if (rc <= 0) return -1;
+    ssize_t r = recv(fd, (char *)p + got, n - got, MSG_DONTWAIT);
+    if (r < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+    if (r <= 0) return -1;
+    got += (size_t)r;
+  }
+  return 0;
+}
+
+static void send_exact(int fd, const void *p, size_t n) {
+  if (n && send(fd, p, n, MSG_NOSIGNAL) != (ssize_t)n) { /* the client may have gone */
+  }
+}
+
+/* Sends an authenticated frame: header, payload, trailer (the trailer or a
+ * payload byte spoiled on request). */
+static void send_sealed(int fd, const Peer *p, uint8_t dir, uint64_t seq, epxBsFrameType type,
+                        uint32_t rank, const void *data, uint32_t len, int spoil_payload,
+                        int spoil_mac) {
+  uint8_t hdr[EPX_BS_HEADER_BYTES], mac[EPX_BS_MAC_BYTES], buf[EPX_BS_ERROR_MAX_PAYLOAD];
+  epx_bs_frame_seal(p->key, dir, seq, type, rank, data, len, hdr, mac);
+  if (len > sizeof(buf)) return;
+  if (len) memcpy(buf, data, len);
+  if (spoil_payload && len) buf[len / 2] ^= 0x20;
+  if (spoil_mac) mac[0] ^= 0x01;
+  send_exact(fd, hdr, sizeof(hdr));
+  send_exact(fd, buf, len);
+  send_exact(fd, mac, sizeof(mac));
+}
+
+/* What the fake root does once the client's HELLO checked out. */
+enum {
+  FR_GOOD = 0,             /* READY, then 2 correct all-gather rounds */
+  FR_READY_BAD_MAC,        /* READY with one trailer bit flipped */
+  FR_READY_WRONG_SEQ,      /* READY sealed as sequence 1 (a frame went missing) */
+  FR_ERROR_UNAUTH,         /* after the WELCOME, an ERROR without a trailer */
+  FR_ERROR_AUTH,           /* after the WELCOME, a genuine (authenticated) ERROR */
+  FR_ERROR_BEFORE_WELCOME, /* a refusal in place of the WELCOME (no trailer: as before) */
+  FR_RESULT_FLIPPED,       /* round 1's RESULT with one payload byte flipped */
+  FR_RESULT_REPLAYED       /* round 2's RESULT is round 1's frame again, byte for byte */
+};
+
+typedef struct FakeRoot {
+  int lfd;
+  uint8_t secret[EPX_BS_SECRET_BYTES];
+  int mode;
+  int data_ok, data_bad; /* the client's DATA frames that did / did not verify */
+  char fail[160];        /* a setup problem on the fake root's side */
+} FakeRoot;
+
+static void *fake_root_main(void *arg) {
+  FakeRoot *f = (FakeRoot *)arg;
+  uint8_t hdr[EPX_BS_HEADER_BYTES], nonce[EPX_BS_NONCE_BYTES], msg[EPX_BS_HELLO_BYTES];
+  uint8_t mac[EPX_BS_MAC_BYTES], err[EPX_BS_ERROR_MAX_PAYLOAD];
+  epxBsHeader h;
+  epxBsHello hello;
+  Peer p;
+  struct pollfd pf = {f->lfd, POLLIN, 0};
+  if (poll(&pf, 1, 3000) != 1) {
+    snprintf(f->fail, sizeof(f->fail), "no connection");
+    return NULL;
+  }
+  int fd = accept(f->lfd, NULL, NULL);
+  if (fd < 0) {
+    snprintf(f->fail, sizeof(f->fail), "accept: %s", strerror(errno));
+    return NULL;
+  }
+  int one = 1; /* frames go out in pieces: no Nagle delay */
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  for (int i = 0; i < EPX_BS_NONCE_BYTES; i++) nonce[i] = (uint8_t)(0xc0 + i);
+  epx_bs_header_encode(hdr, EPX_BS_CHALLENGE, EPX_BS_NO_RANK, EPX_BS_NONCE_BYTES);
+  send_exact(fd, hdr, sizeof(hdr));
+  send_exact(fd, nonce, sizeof(nonce));
+  if (recv_exact(fd, hdr, sizeof(hdr), 3000) != 0 ||
+      epx_bs_header_decode(hdr, EPX_BS_TYPE_BIT(EPX_BS_HELLO), 0, &h) != EPX_BS_HDR_OK ||
+      recv_exact(fd, msg, sizeof(msg), 3000) != 0) {
+    snprintf(f->fail, sizeof(f->fail), "no HELLO");
+    close(fd);
+    return NULL;
+  }
+  epx_bs_hello_decode(msg, &hello);
+  epx_bs_client_mac(f->secret, nonce, h.rank, &hello, mac);
+  if (!epx_bs_mac_equal(mac, hello.mac)) snprintf(f->fail, sizeof(f->fail), "HELLO MAC wrong");
+  uint32_t rank = h.rank;
+  if (f->mode == FR_ERROR_BEFORE_WELCOME) {
+    size_t n = epx_bs_error_encode(err, sizeof(err), epxMismatch, "refused before the welcome");
+    epx_bs_header_encode(hdr, EPX_BS_ERROR, EPX_BS_NO_RANK, (uint32_t)n);
+    send_exact(fd, hdr, sizeof(hdr));
+    send_exact(fd, err, n);
+    goto linger;
+  }
+  epx_bs_root_mac(f->secret, hello.client_nonce, nonce, rank, mac);
+  epx_bs_header_encode(hdr, EPX_BS_WELCOME, rank, EPX_BS_MAC_BYTES);
+  send_exact(fd, hdr, sizeof(hdr));
+  send_exact(fd, mac, sizeof(mac));
+  epx_bs_session_key(f->secret, nonce, hello.client_nonce, rank, hello.nranks, p.key);
+  p.tx = p.rx = 0;
+
+  switch (f->mode) {
+    case FR_READY_BAD_MAC:
+      send_sealed(fd, &p, EPX_BS_DIR_TO_CLIENT, 0, EPX_BS_READY, rank, NULL, 0, 0, 1);
+      goto linger;
+    case FR_READY_WRONG_SEQ:
+      send_sealed(fd, &p, EPX_BS_DIR_TO_CLIENT, 1, EPX_BS_READY, rank, NULL, 0, 0, 0);
+      goto linger;
+    case FR_ERROR_UNAUTH: {
+      size_t n = epx_bs_error_encode(err, sizeof(err), epxTimeout, "forged failure report");
+      epx_bs_header_encode(hdr, EPX_BS_ERROR, rank, (uint32_t)n);
+      send_exact(fd, hdr, sizeof(hdr));
+      send_exact(fd, err, n);
+      goto linger;
+    }
+    case FR_ERROR_AUTH: {
+      size_t n = epx_bs_error_encode(err, sizeof(err), epxMismatch, "genuine failure report");
+      send_sealed(fd, &p, EPX_BS_DIR_TO_CLIENT, 0, EPX_BS_ERROR, rank, err, (uint32_t)n, 0, 0);
+      goto linger;
+    }
+    default:
+      break;
+  }
+  send_sealed(fd, &p, EPX_BS_DIR_TO_CLIENT, p.tx++, EPX_BS_READY, rank, NULL, 0, 0, 0);
+  /* All-gather rounds of a 1-rank rendezvous: the RESULT is the DATA. */
+  uint8_t round1[EPX_BS_HEADER_BYTES + 64 + EPX_BS_MAC_BYTES];
+  size_t round1_len = 0;
+  for (int round = 0; round < 2; round++) {
+    uint8_t data[64];
+    if (recv_exact(fd, hdr, sizeof(hdr), 3000) != 0) break;
+    if (epx_bs_header_decode(hdr, EPX_BS_TYPE_BIT(EPX_BS_DATA), 1, &h) != EPX_BS_HDR_OK ||
+        h.len > sizeof(data) + EPX_BS_MAC_BYTES || recv_exact(fd, data, h.len, 3000) != 0) {
+      snprintf(f->fail, sizeof(f->fail), "bad DATA frame");
+      break;
+    }
+    uint32_t len = h.len - EPX_BS_MAC_BYTES;
+    if (epx_bs_frame_check(p.key, EPX_BS_DIR_TO_ROOT, p.rx++, hdr, data, len, data + len))
+      f->data_ok++;
+    else
+      f->data_bad++;
+    if (f->mode == FR_RESULT_REPLAYED && round == 1) {
+      send_exact(fd, round1, round1_len);
+      break;
+    }
+    epx_bs_frame_seal(p.key, EPX_BS_DIR_TO_CLIENT, p.tx++, EPX_BS_RESULT, rank, data, len, hdr,
+                      mac);
+    memcpy(round1, hdr, sizeof(hdr));
+    memcpy(round1 + sizeof(hdr), data, len);
+    if (f->mode == FR_RESULT_FLIPPED) round1[sizeof(hdr) + 1] ^= 0x01;
+    memcpy(round1 + sizeof(hdr) + len, mac, sizeof(mac));
+    round1_len = sizeof(hdr) + len + sizeof(mac);
+    send_exact(fd, round1, round1_len);
+    if (f->mode == FR_RESULT_FLIPPED) break;
+  }
+linger:
+  /* Until the client hangs up (it must not wait for us: that is the test). */
+  for (int64_t end = ms_now() + 3000; ms_now() < end;) {
+    uint8_t sink[256];
+    struct pollfd q = {fd, POLLIN, 0};
+    if (poll(&q, 1, 100) == 1 && recv(fd, sink, sizeof(sink), 0) <= 0) break;
+  }
+  close(fd);
+  return NULL;
+}
+
+typedef struct ForgedCase {
+  const char *name;
+  int mode;
+  int create_ok;        /* init succeeds; the all-gathers are checked */
+  epxResult_t want;     /* result of the failing call */
+  const char *needle;   /* in its message */
+  const char *unwanted; /* never in its message (a forged text passed through) */
+} ForgedCase;
+
+/* A real client (epx_bootstrap_tcp_create, 1 rank) against the fake root:
+ * every forged or altered frame after the WELCOME fails the init or the
+ * all-gather with the authentication error, at once, never by the deadline. */
+static void forged_frames_to_client(void) {
+  static const ForgedCase cases[] = {
+      {"good", FR_GOOD, 1, epxSuccess, NULL, NULL},
+      {"ready_bad_mac", FR_READY_BAD_MAC, 0, epxBootstrapError, "frame authentication failed",
+       NULL},
+      {"ready_wrong_seq", FR_READY_WRONG_SEQ, 0, epxBootstrapError, "frame authentication failed",
+       NULL},
+      {"error_unauthenticated", FR_ERROR_UNAUTH, 0, epxBootstrapError,
+       "frame authentication failed", "forged failure report"},
+      {"error_authenticated", FR_ERROR_AUTH, 0, epxMismatch, "genuine failure report", NULL},
+      {"error_before_welcome", FR_ERROR_BEFORE_WELCOME, 0, epxMismatch,
+       "refused before the welcome", NULL},
+      {"result_flipped", FR_RESULT_FLIPPED, 1, epxBootstrapError, "frame authentication failed",
+       NULL},
+      {"result_replayed", FR_RESULT_REPLAYED, 1, epxBootstrapError, "frame authentication failed",
+       NULL},
+  };
+  char where[64];
+  for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+    const ForgedCase *fc = &cases[i];
+    snprintf(where, sizeof(where), "forged/%s", fc->name);
+    g_where = where;
+    FakeRoot f;
+    memset(&f, 0, sizeof(f));
+    f.mode = fc->mode;
+    for (int k = 0; k < EPX_BS_SECRET_BYTES; k++) f.secret[k] = (uint8_t)(0x31 * k + 5);
+    epxBsAddr a;
+    char err[1024];
+    memset(&a, 0, sizeof(a));
+    a.family = 4;
+    a.addr[0] = 127;
+    a.addr[3] = 1;
+    f.lfd = -1;
+    if (epx_bs_listen(&a, &f.lfd, err, sizeof(err)) != epxSuccess) {
+      CHECK(0, "listen: %s", err);
+      return;
+    }
+    epxUniqueId id;
+    epx_bs_id_encode(&id, &a, f.secret);
+    pthread_t th;
+    pthread_create(&th, NULL, fake_root_main, &f);
+
+    epxBootstrap *b = NULL;
+    int64_t t0 = ms_now();
+    err[0] = '\0';
+    epxResult_t res =
+        epx_bootstrap_tcp_create(&id, 0, 1, deadline_from_now(5000), &b, err, sizeof(err));
+    uint32_t x[2] = {0x11223344u, 0x55667788u}, y[2] = {0, 0};
+    if (fc->create_ok) {
+      CHECK(res == epxSuccess, "create: %d %s", (int)res, err);
+      for (int round = 0; round < 2 && res == epxSuccess; round++) {
+        memset(y, 0xee, sizeof(y));
+        res = epx_bootstrap_allgather(b, x, y, sizeof(x), err, sizeof(err));
+        if (res == epxSuccess)
+          CHECK(y[0] == x[0] && y[1] == x[1], "round %d: got %08x %08x", round, y[0], y[1]);
+        else
+          CHECK(y[0] == 0 && y[1] == 0, "unauthenticated bytes left in the result: %08x %08x",
+                y[0], y[1]);
+      }
+    }
+    int64_t took = ms_now() - t0;
+    if (fc->want == epxSuccess) {
+      CHECK(res == epxSuccess, "%d %s", (int)res, err);
+    } else {
+      CHECK(res == fc->want, "got %d, want %d: %s", (int)res, (int)fc->want, err);
+      CHECK(strstr(err, fc->needle) != NULL, "message lacks \"%s\": %s", fc->needle, err);
+      CHECK(!fc->unwanted || !strstr(err, fc->unwanted), "forged text reported: %s", err);
+      CHECK(took < 1000, "took %lld ms (the deadline was 5000)", (long long)took);
+      if (b) /* the failure sticks */
+        CHECK(epx_bootstrap_barrier(b, err, sizeof(err)) == fc->want, "not sticky: %s", err);
+    }
+    epx_bootstrap_destroy(b);
+    pthread_join(th, NULL);
+    close(f.lfd);
+    CHECK(f.fail[0] == 0, "fake root: %s", f.fail);
+    CHECK(f.data_bad == 0, "%d of the client's DATA frames did not verify", f.data_bad);
+    if (fc->mode == FR_GOOD || fc->mode == FR_RESULT_REPLAYED)
+      CHECK(f.data_ok == 2, "%d DATA frames verified, want 2", f.data_ok);
+  }
 }
 
 /* ============================================================== callback */
@@ -416,7 +977,6 @@ struct Scenario {
   int ipv6;    /* the root listens on ::1 (built by hand: the default is IPv4) */
 };
 
-static int64_t deadline_from_now(int ms) { return epx_now_ns() + (int64_t)ms * 1000000LL; }
 
 /* ---- bodies ---- */
 
@@ -845,6 +1405,94 @@ static void hostile_release(Hostile *h) {
   h->slow = -1;
 }
 
+/* ---- a forged DATA frame at a real root ---- */
+
+/* Proc 2 plays rank 2 by hand: a correct handshake, then a DATA frame whose
+ * payload was changed after sealing, as an on-path attacker injecting into
+ * the connection would. */
+static int forged_rank(const Scenario *s, const epxUniqueId *id) {
+  epxBsAddr a;
+  uint8_t secret[16], hdr[EPX_BS_HEADER_BYTES], nonce[EPX_BS_NONCE_BYTES], mac[EPX_BS_MAC_BYTES];
+  uint8_t msg[EPX_BS_HELLO_BYTES], body[EPX_BS_ERROR_MAX_LEN];
+  char err[256], text[EPX_BS_ERROR_TEXT_MAX + 1];
+  epxBsHeader h;
+  CHECK(epx_bs_id_decode(id, &a, secret, err, sizeof(err)) == 0, "id: %s", err);
+  int fd = connect_to(&a);
+  CHECK(fd >= 0, "connect");
+  if (fd < 0) return 1;
+  CHECK(recv_exact(fd, hdr, sizeof(hdr), 3000) == 0 &&
+            epx_bs_header_decode(hdr, EPX_BS_TYPE_BIT(EPX_BS_CHALLENGE), 3, &h) == EPX_BS_HDR_OK &&
+            recv_exact(fd, nonce, sizeof(nonce), 3000) == 0,
+        "no challenge");
+  epxBsHello hello;
+  memset(&hello, 0, sizeof(hello));
+  hello.client_nonce[0] = 0x77;
+  hello.nranks = (uint32_t)s->nranks;
+  hello.timeout_ms = (uint32_t)s->deadline_ms;
+  epx_bs_client_mac(secret, nonce, 2, &hello, hello.mac);
+  epx_bs_hello_encode(&hello, msg);
+  epx_bs_header_encode(hdr, EPX_BS_HELLO, 2, sizeof(msg));
+  send_str(fd, hdr, sizeof(hdr));
+  send_str(fd, msg, sizeof(msg));
+  uint8_t expect[EPX_BS_MAC_BYTES];
+  epx_bs_root_mac(secret, hello.client_nonce, nonce, 2, expect);
+  CHECK(recv_exact(fd, hdr, sizeof(hdr), 3000) == 0 &&
+            epx_bs_header_decode(hdr, EPX_BS_TYPE_BIT(EPX_BS_WELCOME), 3, &h) == EPX_BS_HDR_OK &&
+            recv_exact(fd, mac, sizeof(mac), 3000) == 0 && epx_bs_mac_equal(mac, expect),
+        "no valid WELCOME");
+  Peer p;
+  epx_bs_session_key(secret, nonce, hello.client_nonce, 2, (uint32_t)s->nranks, p.key);
+  p.tx = p.rx = 0;
+  CHECK(recv_exact(fd, hdr, sizeof(hdr), 3000) == 0 &&
+            epx_bs_header_decode(hdr, EPX_BS_TYPE_BIT(EPX_BS_READY), 3, &h) == EPX_BS_HDR_OK &&
+            recv_exact(fd, mac, sizeof(mac), 3000) == 0 &&
+            epx_bs_frame_check(p.key, EPX_BS_DIR_TO_CLIENT, p.rx++, hdr, NULL, 0, mac),
+        "no authenticated READY");
+  uint8_t frame[EPX_BS_HEADER_BYTES + 4 + EPX_BS_MAC_BYTES];
+  uint32_t mine = 2;
+  size_t n = seal_data(&p, 2, &mine, 4, frame);
+  frame[EPX_BS_HEADER_BYTES] ^= 0x40; /* rank 2's part now claims to be 66 */
+  send_str(fd, frame, n);
+  /* The root's reason comes back authenticated, and names the failure. */
+  int ok = recv_exact(fd, hdr, sizeof(hdr), 3000) == 0 &&
+           epx_bs_header_decode(hdr, EPX_BS_TYPE_BIT(EPX_BS_ERROR), 3, &h) == EPX_BS_HDR_OK &&
+           h.len >= EPX_BS_MAC_BYTES && recv_exact(fd, body, h.len, 3000) == 0;
+  CHECK(ok, "no ERROR from the root");
+  if (ok) {
+    uint32_t plen = h.len - EPX_BS_MAC_BYTES;
+    CHECK(epx_bs_frame_check(p.key, EPX_BS_DIR_TO_CLIENT, p.rx++, hdr, body, plen, body + plen),
+          "the root's ERROR is not authenticated");
+    epx_bs_error_decode(body, plen, text, sizeof(text));
+    CHECK(strstr(text, "frame authentication failed"), "root's reason: %s", text);
+  }
+  close(fd);
+  explicit_bzero(secret, sizeof(secret));
+  return g_failures ? 1 : 0;
+}
+
+/* Ranks 0 and 1 are real and all-gather; rank 2's DATA frame was altered on
+ * the way. The root must refuse it (counted with the refused traffic), use
+ * nothing of it, and fail the rendezvous at once with the reason. */
+static int body_forged_data(int proc, const Scenario *s, epxUniqueId id, int go_fd) {
+  if (proc == 2) return forged_rank(s, &id);
+  epxBootstrap *b = NULL;
+  char err[1024];
+  epxResult_t res = epx_bootstrap_tcp_create(
+      &id, proc, s->nranks, deadline_from_now(s->deadline_ms), &b, err, sizeof(err));
+  CHECK(res == epxSuccess, "create: %s", err);
+  if (res != epxSuccess) return 1;
+  uint32_t mine = (uint32_t)proc, all[3];
+  int64_t t0 = ms_now();
+  err[0] = '\0';
+  res = epx_bootstrap_allgather(b, &mine, all, 4, err, sizeof(err));
+  expect_failure(res, epxBootstrapError, t0, 1000, err, "frame authentication failed");
+  CHECK(strstr(err, "rank 2's connection") != NULL, "rank 2 not named: %s", err);
+  if (proc == 0) /* the root runs in this process */
+    CHECK(epx_bootstrap_refused_total() >= 1, "the forged frame was not counted");
+  epx_bootstrap_destroy(b);
+  return g_failures ? 1 : 0;
+}
+
 /* ---- the harness ---- */
 
 static int read_full(int fd, void *p, size_t n) {
@@ -997,7 +1645,10 @@ int main(void) {
   sha256_fips_vectors();
   hmac_rfc4231_vectors();
   wire_format_checks();
+  frame_mac_checks();
   root_state_machine();
+  root_frame_auth();
+  forged_frames_to_client();
   callback_bootstrap();
   g_where = "main";
   printf("  unit checks                  %5lld ms\n", (long long)(ms_now() - t0));
@@ -1019,6 +1670,7 @@ int main(void) {
        .kill_at_ms = 600},
       {SCEN("root_deadline_ends_root", 1, 1, 400, 600, body_root_deadline)},
       {SCEN("root_expires_while_idle", 2, 2, 5000, 800, body_root_expires_idle)},
+      {SCEN("forged_data_fails_session", 3, 3, 5000, 20000, body_forged_data)},
       {SCEN("hostile_traffic", 4, 4, 5000, 20000, body_allgather), .hostile = 1},
   };
 #undef SCEN
