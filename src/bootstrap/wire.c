@@ -225,18 +225,13 @@ void epx_bs_session_key(const uint8_t secret[EPX_BS_SECRET_BYTES],
                         const uint8_t root_nonce[EPX_BS_NONCE_BYTES],
                         const uint8_t client_nonce[EPX_BS_NONCE_BYTES], uint32_t rank,
                         uint32_t nranks, uint8_t key[EPX_BS_KEY_BYTES]) {
-  uint8_t msg[sizeof(k_session_label) - 1 + 2 * EPX_BS_NONCE_BYTES + 8];
-  size_t n = 0;
-  memcpy(msg + n, k_session_label, sizeof(k_session_label) - 1);
-  n += sizeof(k_session_label) - 1;
-  memcpy(msg + n, root_nonce, EPX_BS_NONCE_BYTES);
-  n += EPX_BS_NONCE_BYTES;
-  memcpy(msg + n, client_nonce, EPX_BS_NONCE_BYTES);
-  n += EPX_BS_NONCE_BYTES;
-  put32(msg + n, rank);
-  put32(msg + n + 4, nranks);
-  n += 8;
-  epx_hmac_sha256(secret, EPX_BS_SECRET_BYTES, msg, n, key);
+  uint8_t ids[8];
+  put32(ids, rank);
+  put32(ids + 4, nranks);
+  const void *parts[4] = {k_session_label, root_nonce, client_nonce, ids};
+  const size_t lens[4] = {sizeof(k_session_label) - 1, EPX_BS_NONCE_BYTES, EPX_BS_NONCE_BYTES,
+                          sizeof ids};
+  epx_hmac_sha256_parts(secret, EPX_BS_SECRET_BYTES, parts, lens, 4, key);
 }
 
 void epx_bs_frame_mac(const uint8_t key[EPX_BS_KEY_BYTES], uint8_t dir, uint64_t seq,
