@@ -18,7 +18,7 @@ static float fbits(uint32_t u) { return epx_f32_from_bits(u); }
 
 /* -------------------------------------------------------------- F24 */
 
-/* FP32 rounded to its upper 24 bits (low-latency combine's partial sums). */
+/* FP32 rounded to its upper 24 bits (a candidate format for low-latency combine's partial sums). */
 static void f24_rounding(void) {
   struct {
     uint32_t in;
