@@ -534,6 +534,23 @@ static void expect_auth_refusal(epxRoot *r, epxRootConn **c, Peer *p, uint64_t r
         "%s: rank 1 not told in an authenticated ERROR", what);
 }
 
+/* Rank 0's first DATA frame ("abcd") with byte `at` of the sealed frame
+ * (header, payload, trailer; negative: from its end) XORed with `bits`. */
+static void flipped_data_refused(const uint8_t *secret, int64_t t, long at, uint8_t bits,
+                                 const char *what) {
+  uint8_t frame[EPX_BS_HEADER_BYTES + 64 + EPX_BS_MAC_BYTES];
+  epxRootConn *c[2];
+  Peer p[2];
+  epxRoot *r = two_rank_root(secret, t, c, p);
+  CHECK(r != NULL, "setup (%s)", what);
+  if (!r) return;
+  size_t n = seal_data(&p[0], 0, "abcd", 4, frame);
+  frame[at >= 0 ? (size_t)at : n - (size_t)(-at)] ^= bits;
+  epx_root_input(r, c[0], frame, n, t);
+  expect_auth_refusal(r, c, p, 0, 0, what);
+  epx_root_free(r);
+}
+
 static void root_frame_auth(void) {
   g_where = "root-auth";
   uint8_t secret[16];
@@ -543,31 +560,16 @@ static void root_frame_auth(void) {
   epxRootConn *c[2];
   Peer p[2];
 
-  /* One payload byte flipped after sealing. */
-  epxRoot *r = two_rank_root(secret, t, c, p);
-  CHECK(r != NULL, "setup");
-  if (!r) return;
-  size_t n = seal_data(&p[0], 0, "abcd", 4, frame);
-  frame[EPX_BS_HEADER_BYTES + 2] ^= 0x04;
-  epx_root_input(r, c[0], frame, n, t);
-  expect_auth_refusal(r, c, p, 0, 0, "flipped payload byte");
-  epx_root_free(r);
-
-  /* One trailer byte flipped. */
-  r = two_rank_root(secret, t, c, p);
-  if (!r) return;
-  n = seal_data(&p[0], 0, "abcd", 4, frame);
-  frame[n - 1] ^= 0x01;
-  epx_root_input(r, c[0], frame, n, t);
-  expect_auth_refusal(r, c, p, 0, 0, "flipped trailer byte");
-  epx_root_free(r);
+  flipped_data_refused(secret, t, EPX_BS_HEADER_BYTES + 2, 0x04, "flipped payload byte");
+  flipped_data_refused(secret, t, -1, 0x01, "flipped trailer byte");
 
   /* Replay: round 1 completes, then rank 0's DATA frame of round 1 comes
    * again, byte for byte (it would start round 2 if sequence numbers were
    * not checked). */
-  r = two_rank_root(secret, t, c, p);
+  epxRoot *r = two_rank_root(secret, t, c, p);
+  CHECK(r != NULL, "setup");
   if (!r) return;
-  n = seal_data(&p[0], 0, "ab", 2, frame);
+  size_t n = seal_data(&p[0], 0, "ab", 2, frame);
   epx_root_input(r, c[0], frame, n, t);
   feed_data(r, c[1], &p[1], 1, "cd", 2, t);
   CHECK(r->round == 1 && r->phase == EPX_ROOT_RUNNING, "round 1 failed: %s", r->fail_msg);
