@@ -43,7 +43,8 @@ static const epxParamDef param_defs[EPX_PARAM_COUNT] = {
                                         "peer is then seen only at the timeout)"},
     [EPX_PARAM_CUDA_TRACE] = {"EPX_CUDA_TRACE", 1, 0, NULL,
                               "1: the CUDA low-latency kernels add up %globaltimer deltas per "
-                              "phase; each rank prints the means to stderr at destroy"},
+                              "phase (fused launches apart from split ones); each rank prints "
+                              "the means to stderr at destroy"},
     [EPX_PARAM_CUDA_PDL] = {"EPX_CUDA_PDL", 1, 1, NULL,
                             "1: the CUDA op kernels are launched as programmatic dependents of "
                             "the kernel before them (hides launch gaps); 0: plain stream order"},

@@ -858,14 +858,15 @@ fail:
  * each point (cuda_common.cuh), per kind, on this rank. Reads the device state
  * only when the stream work is done and nothing failed. */
 static void print_trace(epxComm_t comm) {
-  static const char *const kind_names[EPX_TRACE_KINDS] = {"LL dispatch", "LL combine",
-                                                          "dispatch", "combine"};
+  static const char *const kind_names[EPX_TRACE_KINDS] = {
+      "LL dispatch", "LL combine", "dispatch", "combine", "LL dispatch (fused)", "LL combine (fused)"};
   static const char *const ll_points[EPX_TRACE_POINTS] = {
       "prep", "slot free", "headers posted", "block 0 sent", "block N sent", "last block sent",
-      "recv start", "| from recv start: headers in", "block 0 placed", "acks posted"};
+      "last send block started", "recv start", "| from recv start: headers in", "block 0 placed",
+      "acks posted"};
   static const char *const normal_points[EPX_TRACE_POINTS] = {
       "hello done", "data start", NULL, "send block 0 done", "send block N done",
-      "last send block done", "consume start", "| from consume start: first chunk in",
+      "last send block done", NULL, "consume start", "| from consume start: first chunk in",
       "consume block 0 done", "last consume block done"};
   EpxCudaComm *cc = cc_of(comm);
   if (!cc || !cc->trace || !cc->state || atomic_load(&comm->async_error) != epxSuccess) return;
@@ -878,7 +879,7 @@ static void print_trace(epxComm_t comm) {
     char line[512];
     int len = snprintf(line, sizeof line, "epx trace rank %d: %s, %llu ops, mean us from send start:",
                        comm->rank, kind_names[k], st.trace_n[k]);
-    const char *const *names = k >= EPX_TRACE_DISPATCH ? normal_points : ll_points;
+    const char *const *names = k == EPX_TRACE_DISPATCH || k == EPX_TRACE_COMBINE ? normal_points : ll_points;
     for (int pt = 0; pt < EPX_TRACE_POINTS && len > 0 && (size_t)len < sizeof line; ++pt) {
       if (!names[pt]) continue;
       len += snprintf(line + len, sizeof line - (size_t)len, " %s %.1f;", names[pt],
@@ -1292,6 +1293,7 @@ static epxResult_t cuda_ll_dispatch(epxComm_t comm, const epxCall_t *call,
     rp.h_layout_range = (long long *)h->ll_layout_range;
   }
   const int fused = cc->ll_variant >= 2 && (invalid || !a->return_recv_hook);
+  if (fused && cc->trace) sp.ctx.trace = rp.ctx.trace = 2; /* their own trace kind */
   cudaError_t e = fused ? epx_cuda_launch_ll_dispatch_fused(&sp, &rp, cc->ll_fused_blocks, st)
                         : epx_cuda_launch_ll_dispatch_send(&sp, send_blocks, st);
   if (e != cudaSuccess) return ll_launch_failed(comm, e, "epxLowLatencyDispatch: send kernel launch");
@@ -1362,6 +1364,7 @@ static epxResult_t cuda_ll_combine(epxComm_t comm, const epxCall_t *call,
     rp.combined_x = combined_x;
   }
   const int fused = cc->ll_variant >= 2 && (invalid || !a->return_recv_hook);
+  if (fused && cc->trace) sp.ctx.trace = rp.ctx.trace = 2; /* their own trace kind */
   cudaError_t e = fused ? epx_cuda_launch_ll_combine_fused(&sp, &rp, cc->ll_fused_blocks, st)
                         : epx_cuda_launch_ll_combine_send(&sp, cc->ll_blocks, st);
   if (e != cudaSuccess) return ll_launch_failed(comm, e, "epxLowLatencyCombine: send kernel launch");

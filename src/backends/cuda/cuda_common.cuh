@@ -326,6 +326,7 @@ enum {
   EPX_TRACE_SEND_BLOCK0,    /* send, block 0: its messages written */
   EPX_TRACE_SEND_BLOCKN,    /* send, the last-indexed block: its messages written */
   EPX_TRACE_SEND_SIGNALS,   /* send, last block to finish: every message and flag written */
+  EPX_TRACE_SEND_LATE_START, /* send, the send block that started last: its start (launch skew) */
   EPX_TRACE_RECV_START,     /* receive, block 0: kernel started (includes any host gap of a hook) */
   /* from the start of the receive kernel (block 0) */
   EPX_TRACE_RECV_SIGNALS,   /* receive, block 0: every source's signal acquired */
@@ -338,6 +339,8 @@ enum {
   EPX_TRACE_LL_COMBINE,
   EPX_TRACE_DISPATCH,
   EPX_TRACE_COMBINE,
+  EPX_TRACE_LL_DISPATCH_FUSED, /* the LL kinds again, for the fused send+receive launches */
+  EPX_TRACE_LL_COMBINE_FUSED,
   EPX_TRACE_KINDS
 };
 
@@ -357,6 +360,7 @@ typedef struct EpxCudaState {
    * %globaltimer at the start of the current op's send kernel; each point adds
    * its delta to trace_sum[kind][point] (one writer per point: no atomics). */
   unsigned long long trace_t0, trace_t1; /* send and receive kernel starts */
+  unsigned long long trace_late_start;   /* latest %globaltimer at which an LL send block started */
   unsigned long long trace_sum[EPX_TRACE_KINDS][EPX_TRACE_POINTS];
   unsigned long long trace_n[EPX_TRACE_KINDS];
 } EpxCudaState;
@@ -376,7 +380,7 @@ typedef struct EpxDevCtx {
   EpxLLLayout ll;
   int ll_max_tokens;
   int ll_pieces; /* EPX_CUDA_LL_PIECES: flagged pieces of a combine row (1..EPX_LL_COMBINE_PIECES) */
-  int trace; /* EPX_CUDA_TRACE */
+  int trace; /* EPX_CUDA_TRACE: 0 off, 1 on, 2 on and the launch is a fused LL kernel */
   int pdl;   /* EPX_CUDA_PDL: launch the op kernels as programmatic dependents */
   /* Normal-mode data kernels: blocks [0, send_blocks) send, the others
    * consume (copy out / reduce) chunk by chunk as the progress words allow. */
@@ -421,12 +425,13 @@ static __device__ __forceinline__ long long epx_globaltimer(void) {
 
 /* ---- trace (EPX_CUDA_TRACE) ---- */
 
-static __device__ __forceinline__ int epx_trace_kind(int op) {
+static __device__ __forceinline__ int epx_trace_kind(const EpxDevCtx &c, int op) {
+  const int fused = c.trace == 2;
   switch (op) {
-    case EPX_OP_LL_COMBINE: return EPX_TRACE_LL_COMBINE;
+    case EPX_OP_LL_COMBINE: return fused ? EPX_TRACE_LL_COMBINE_FUSED : EPX_TRACE_LL_COMBINE;
     case EPX_OP_DISPATCH: return EPX_TRACE_DISPATCH;
     case EPX_OP_COMBINE: return EPX_TRACE_COMBINE;
-    default: return EPX_TRACE_LL_DISPATCH;
+    default: return fused ? EPX_TRACE_LL_DISPATCH_FUSED : EPX_TRACE_LL_DISPATCH;
   }
 }
 
@@ -434,7 +439,7 @@ static __device__ __forceinline__ int epx_trace_kind(int op) {
 static __device__ __forceinline__ void epx_trace_start(const EpxDevCtx &c, int op) {
   if (!c.trace) return;
   c.state->trace_t0 = (unsigned long long)epx_globaltimer();
-  ++c.state->trace_n[epx_trace_kind(op)];
+  ++c.state->trace_n[epx_trace_kind(c, op)];
 }
 
 /* Called by exactly one thread per op and point. */
@@ -444,7 +449,8 @@ static __device__ __forceinline__ void epx_trace(const EpxDevCtx &c, int op, int
   if (point == EPX_TRACE_RECV_START) c.state->trace_t1 = now;
   const unsigned long long base = point > EPX_TRACE_RECV_START ? c.state->trace_t1 : c.state->trace_t0;
   /* a fused kernel's receive blocks may start before the send block 0 that sets trace_t0 */
-  c.state->trace_sum[epx_trace_kind(op)][point] += now > base ? now - base : 0ull;
+  if (base == 0) return; /* ... of the first op: no start to count from */
+  c.state->trace_sum[epx_trace_kind(c, op)][point] += now > base ? now - base : 0ull;
 }
 
 /* End of a normal-mode data kernel block (every thread): with tracing on,
@@ -797,6 +803,16 @@ static __device__ void epx_ll_trace_send_done(const EpxDevCtx &c, int op, EpxLLR
   if (atomicAdd(&c.state->trace_done[0], 1u) != (unsigned int)role.blocks - 1) return;
   c.state->trace_done[0] = 0;
   epx_trace(c, op, EPX_TRACE_SEND_SIGNALS);
+  const unsigned long long late = atomicExch(&c.state->trace_late_start, 0ull);
+  const unsigned long long t0 = c.state->trace_t0;
+  c.state->trace_sum[epx_trace_kind(c, op)][EPX_TRACE_SEND_LATE_START] += late > t0 ? late - t0 : 0ull;
+}
+
+/* EPX_CUDA_TRACE: every LL send block notes its start (one thread, first
+ * thing); epx_ll_trace_send_done records the latest as SEND_LATE_START. */
+static __device__ __forceinline__ void epx_ll_trace_send_begin(const EpxDevCtx &c) {
+  if (!c.trace || threadIdx.x != 0) return;
+  atomicMax(&c.state->trace_late_start, (unsigned long long)epx_globaltimer());
 }
 
 /* The flag words of a slot (see the protocol above). */

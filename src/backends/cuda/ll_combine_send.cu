@@ -28,6 +28,7 @@ static __device__ unsigned long long epx_ll_combine_send_body(const EpxLLCombine
   const long long rpe = epx_ll_rows_per_expert(R, llT);
   __shared__ int s_fatal;
   __shared__ unsigned long long s_epoch;
+  epx_ll_trace_send_begin(c);
   const unsigned long long ack_peek = epx_ll_peek_ack(c);
   if (threadIdx.x == 0) {
     s_fatal = epx_ll_fatal(c);

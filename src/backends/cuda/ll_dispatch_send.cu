@@ -150,6 +150,7 @@ static __device__ unsigned long long epx_ll_dispatch_send_body(const EpxLLDispat
   const int first_token = role.block - token_block0; /* -1: the header block */
   if (first_token >= 0 && first_token < T)
     epx_ll_prefetch_row((const char *)p.x + (size_t)first_token * p.hidden * 2, (size_t)p.hidden * 2);
+  epx_ll_trace_send_begin(c);
   const unsigned long long ack_peek = epx_ll_peek_ack(c);
   if (threadIdx.x == 0) {
     s_fatal = epx_ll_fatal(c);
