@@ -1029,6 +1029,17 @@ static void expect_root_exit(int within_ms) {
         within_ms);
 }
 
+/* Joins rank `proc` of the scenario's world by its deadline; on failure
+ * counts it (with the reason) and returns NULL. */
+static epxBootstrap *join_or_fail(const epxUniqueId *id, int proc, const Scenario *s, char *err,
+                                  size_t err_len) {
+  epxBootstrap *b = NULL;
+  epxResult_t res = epx_bootstrap_tcp_create(id, proc, s->nranks, deadline_from_now(s->deadline_ms),
+                                             &b, err, err_len);
+  CHECK(res == epxSuccess, "create: %d %s", (int)res, err);
+  return res == epxSuccess ? b : NULL;
+}
+
 static int body_allgather(int proc, const Scenario *s, epxUniqueId id, int go_fd) {
   epxBootstrap *b = NULL;
   char err[1024];
@@ -1037,10 +1048,8 @@ static int body_allgather(int proc, const Scenario *s, epxUniqueId id, int go_fd
     char go;
     if (read(go_fd, &go, 1) != 1) return 1;
   }
-  epxResult_t res = epx_bootstrap_tcp_create(
-      &id, rank, s->nranks, deadline_from_now(s->deadline_ms), &b, err, sizeof(err));
-  CHECK(res == epxSuccess, "create: %d %s", (int)res, err);
-  if (res != epxSuccess) return 1;
+  b = join_or_fail(&id, rank, s, err, sizeof(err));
+  if (!b) return 1;
   CHECK(epx_bootstrap_rank(b) == rank && epx_bootstrap_nranks(b) == s->nranks, "accessors");
   if (s->hostile && rank == 0) {
     /* The parent's hostile connections were all closed by the root before
@@ -1137,12 +1146,10 @@ static int body_duplicates(int proc, const Scenario *s, epxUniqueId id, int go_f
 /* Rank 2 finishes after one all-gather while the others start a second: they
  * fail fast with epxPeerFailed naming it, and the failure sticks. */
 static int body_rank_leaves(int proc, const Scenario *s, epxUniqueId id, int go_fd) {
-  epxBootstrap *b = NULL;
   char err[1024];
-  epxResult_t res = epx_bootstrap_tcp_create(
-      &id, proc, s->nranks, deadline_from_now(s->deadline_ms), &b, err, sizeof(err));
-  CHECK(res == epxSuccess, "create: %s", err);
-  if (res != epxSuccess) return 1;
+  epxBootstrap *b = join_or_fail(&id, proc, s, err, sizeof(err));
+  if (!b) return 1;
+  epxResult_t res;
   uint32_t mine = (uint32_t)proc, all[3];
   res = epx_bootstrap_allgather(b, &mine, all, 4, err, sizeof(err));
   CHECK(res == epxSuccess && all[0] == 0 && all[1] == 1 && all[2] == 2, "round 1: %s", err);
@@ -1191,12 +1198,10 @@ static int body_root_deadline(int proc, const Scenario *s, epxUniqueId id, int g
 /* The root's deadline passes during an all-gather: every rank gets the root's
  * reason, whether it was waiting then or calls after the root has closed. */
 static int body_root_expires_idle(int proc, const Scenario *s, epxUniqueId id, int go_fd) {
-  epxBootstrap *b = NULL;
   char err[1024];
-  epxResult_t res = epx_bootstrap_tcp_create(
-      &id, proc, s->nranks, deadline_from_now(s->deadline_ms), &b, err, sizeof(err));
-  CHECK(res == epxSuccess, "create: %s", err);
-  if (res != epxSuccess) return 1;
+  epxBootstrap *b = join_or_fail(&id, proc, s, err, sizeof(err));
+  if (!b) return 1;
+  epxResult_t res;
   /* Rank 0 is waiting in an all-gather when the deadline passes; rank 1 comes
    * after the root has gone and finds the reason in its socket. */
   sleep_ms(proc == 0 ? s->root_ms - 300 : s->root_ms + 500);
@@ -1477,12 +1482,10 @@ static int forged_rank(const Scenario *s, const epxUniqueId *id) {
  * nothing of it, and fail the rendezvous at once with the reason. */
 static int body_forged_data(int proc, const Scenario *s, epxUniqueId id, int go_fd) {
   if (proc == 2) return forged_rank(s, &id);
-  epxBootstrap *b = NULL;
   char err[1024];
-  epxResult_t res = epx_bootstrap_tcp_create(
-      &id, proc, s->nranks, deadline_from_now(s->deadline_ms), &b, err, sizeof(err));
-  CHECK(res == epxSuccess, "create: %s", err);
-  if (res != epxSuccess) return 1;
+  epxBootstrap *b = join_or_fail(&id, proc, s, err, sizeof(err));
+  if (!b) return 1;
+  epxResult_t res;
   uint32_t mine = (uint32_t)proc, all[3];
   int64_t t0 = ms_now();
   err[0] = '\0';
