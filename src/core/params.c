@@ -65,6 +65,10 @@ static const epxParamDef param_defs[EPX_PARAM_COUNT] = {
                                   "pieces (1-4), each with its own flag, so the source may reduce "
                                   "a piece before the rest of the row is in (the same on every "
                                   "rank)"},
+    [EPX_PARAM_CUDA_TRACE_FILE] = {"EPX_CUDA_TRACE_FILE", 0, 0, "",
+                                   "with EPX_CUDA_TRACE=1: each rank writes the per-op times of the "
+                                   "last fused LL ops to <this>.rank<r>.csv at destroy "
+                                   "(tools/trace-skew reads them)"},
 };
 
 static int64_t int_values[EPX_PARAM_COUNT];

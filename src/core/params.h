@@ -29,6 +29,7 @@ typedef enum epxParam {
   EPX_PARAM_CUDA_SEND_SHARE,      /* int: CUDA normal mode, percent of the data blocks that send */
   EPX_PARAM_CUDA_BULK,            /* int: CUDA normal mode, TMA bulk copies: 1 dispatch, 2 combine */
   EPX_PARAM_CUDA_LL_PIECES,       /* int: CUDA low-latency combine, flagged pieces per row */
+  EPX_PARAM_CUDA_TRACE_FILE,      /* string: with EPX_CUDA_TRACE, where per-op samples go */
   EPX_PARAM_COUNT
 } epxParam_t;
 

@@ -66,6 +66,7 @@ typedef struct EpxCudaComm {
   int ll_pieces;            /* EPX_CUDA_LL_PIECES: flagged pieces of an LL combine row */
   int bulk;                 /* EPX_CUDA_BULK: bulk copies where aligned (1 dispatch, 2 combine) */
   int trace;      /* EPX_CUDA_TRACE: LL phase times, printed at destroy */
+  unsigned int trace_fused_ops[2]; /* fused LL dispatches / combines launched (sample rows) */
   int pdl;        /* EPX_CUDA_PDL: op kernels launched as programmatic dependents */
   /* low-latency mode */
   int ll_enabled;           /* 0: LL ops answer epxNotSupported (ll_off_reason) */
@@ -854,6 +855,40 @@ fail:
   return res;
 }
 
+/* EPX_CUDA_TRACE_FILE: the per-op samples of the last EPX_TRACE_RING fused LL
+ * ops of each kind, as CSV in <prefix>.rank<r>.csv: kind, op, send start,
+ * then each point, absolute %globaltimer ns (0: not recorded; a value far
+ * from the start is a stale one of an op EPX_TRACE_RING earlier). */
+static void write_trace_samples(epxComm_t comm, const EpxCudaState *st) {
+  static const char *const points[EPX_TRACE_POINTS] = {
+      "prep", "slot_free", "headers_posted", "block0_sent", "blockN_sent", "last_block_sent",
+      "last_send_block_started", "recv_start", "headers_in", "block0_placed", "acks_posted"};
+  const char *prefix = epx_param_str(EPX_PARAM_CUDA_TRACE_FILE);
+  if (!prefix || !*prefix) return;
+  EpxCudaComm *cc = cc_of(comm);
+  char path[4096];
+  snprintf(path, sizeof path, "%s.rank%d.csv", prefix, comm->rank);
+  FILE *f = fopen(path, "w");
+  if (!f) {
+    EPX_WARN(comm->rank, "EPX_CUDA_TRACE_FILE: cannot write %s", path);
+    return;
+  }
+  fprintf(f, "kind,op,start");
+  for (int pt = 0; pt < EPX_TRACE_POINTS; ++pt) fprintf(f, ",%s", points[pt]);
+  fprintf(f, "\n");
+  static const char *const kinds[2] = {"ll_dispatch_fused", "ll_combine_fused"};
+  for (int k = 0; k < 2; ++k) {
+    const unsigned int n = cc->trace_fused_ops[k];
+    for (unsigned int op = n > EPX_TRACE_RING ? n - EPX_TRACE_RING : 0; op < n; ++op) {
+      const unsigned long long *row = st->trace_ring[k][op % EPX_TRACE_RING];
+      fprintf(f, "%s,%u", kinds[k], op);
+      for (int col = 0; col <= EPX_TRACE_POINTS; ++col) fprintf(f, ",%llu", row[col]);
+      fprintf(f, "\n");
+    }
+  }
+  fclose(f);
+}
+
 /* EPX_CUDA_TRACE: the mean time from the start of each LL op's send kernel to
  * each point (cuda_common.cuh), per kind, on this rank. Reads the device state
  * only when the stream work is done and nothing failed. */
@@ -887,6 +922,7 @@ static void print_trace(epxComm_t comm) {
     }
     fprintf(stderr, "%s\n", line);
   }
+  write_trace_samples(comm, &st);
 }
 
 static void cuda_destroy(epxComm_t comm) {
@@ -1293,7 +1329,10 @@ static epxResult_t cuda_ll_dispatch(epxComm_t comm, const epxCall_t *call,
     rp.h_layout_range = (long long *)h->ll_layout_range;
   }
   const int fused = cc->ll_variant >= 2 && (invalid || !a->return_recv_hook);
-  if (fused && cc->trace) sp.ctx.trace = rp.ctx.trace = 2; /* their own trace kind */
+  if (fused && cc->trace) { /* their own trace kind, and a sample row */
+    sp.ctx.trace = rp.ctx.trace = 2;
+    sp.ctx.trace_op = rp.ctx.trace_op = cc->trace_fused_ops[0]++;
+  }
   cudaError_t e = fused ? epx_cuda_launch_ll_dispatch_fused(&sp, &rp, cc->ll_fused_blocks, st)
                         : epx_cuda_launch_ll_dispatch_send(&sp, send_blocks, st);
   if (e != cudaSuccess) return ll_launch_failed(comm, e, "epxLowLatencyDispatch: send kernel launch");
@@ -1364,7 +1403,10 @@ static epxResult_t cuda_ll_combine(epxComm_t comm, const epxCall_t *call,
     rp.combined_x = combined_x;
   }
   const int fused = cc->ll_variant >= 2 && (invalid || !a->return_recv_hook);
-  if (fused && cc->trace) sp.ctx.trace = rp.ctx.trace = 2; /* their own trace kind */
+  if (fused && cc->trace) { /* their own trace kind, and a sample row */
+    sp.ctx.trace = rp.ctx.trace = 2;
+    sp.ctx.trace_op = rp.ctx.trace_op = cc->trace_fused_ops[1]++;
+  }
   cudaError_t e = fused ? epx_cuda_launch_ll_combine_fused(&sp, &rp, cc->ll_fused_blocks, st)
                         : epx_cuda_launch_ll_combine_send(&sp, cc->ll_blocks, st);
   if (e != cudaSuccess) return ll_launch_failed(comm, e, "epxLowLatencyCombine: send kernel launch");

@@ -334,6 +334,9 @@ enum {
   EPX_TRACE_RECV_END,       /* receive, last block to finish: acks posted */
   EPX_TRACE_POINTS
 };
+/* Fused LL ops kept as per-op samples (EpxCudaState.trace_ring). */
+#define EPX_TRACE_RING 256
+
 enum {
   EPX_TRACE_LL_DISPATCH = 0,
   EPX_TRACE_LL_COMBINE,
@@ -361,6 +364,12 @@ typedef struct EpxCudaState {
    * its delta to trace_sum[kind][point] (one writer per point: no atomics). */
   unsigned long long trace_t0, trace_t1; /* send and receive kernel starts */
   unsigned long long trace_late_start;   /* latest %globaltimer at which an LL send block started */
+  /* Per-op samples of the fused LL launches (kinds LL_*_FUSED, in that order):
+   * row trace_op % EPX_TRACE_RING holds the op's absolute %globaltimer at its
+   * send start (column 0) and at each point (column 1 + point), 0 where none;
+   * written to a file at destroy (EPX_CUDA_TRACE_FILE). Means hide outliers and
+   * the skew between GPUs; the samples do not. */
+  unsigned long long trace_ring[2][EPX_TRACE_RING][EPX_TRACE_POINTS + 1];
   unsigned long long trace_sum[EPX_TRACE_KINDS][EPX_TRACE_POINTS];
   unsigned long long trace_n[EPX_TRACE_KINDS];
 } EpxCudaState;
@@ -381,6 +390,7 @@ typedef struct EpxDevCtx {
   int ll_max_tokens;
   int ll_pieces; /* EPX_CUDA_LL_PIECES: flagged pieces of a combine row (1..EPX_LL_COMBINE_PIECES) */
   int trace; /* EPX_CUDA_TRACE: 0 off, 1 on, 2 on and the launch is a fused LL kernel */
+  unsigned int trace_op; /* trace == 2: this op's number among the fused ops of its kind */
   int pdl;   /* EPX_CUDA_PDL: launch the op kernels as programmatic dependents */
   /* Normal-mode data kernels: blocks [0, send_blocks) send, the others
    * consume (copy out / reduce) chunk by chunk as the progress words allow. */
@@ -435,11 +445,20 @@ static __device__ __forceinline__ int epx_trace_kind(const EpxDevCtx &c, int op)
   }
 }
 
+/* A fused LL op's sample: column 0 its send start, 1 + point each point. */
+static __device__ __forceinline__ void epx_trace_sample(const EpxDevCtx &c, int op, int column,
+                                                        unsigned long long when) {
+  if (c.trace != 2) return;
+  const int fused = epx_trace_kind(c, op) == EPX_TRACE_LL_COMBINE_FUSED;
+  c.state->trace_ring[fused][c.trace_op % EPX_TRACE_RING][column] = when;
+}
+
 /* Called by one thread of the op's first send block, first thing. */
 static __device__ __forceinline__ void epx_trace_start(const EpxDevCtx &c, int op) {
   if (!c.trace) return;
   c.state->trace_t0 = (unsigned long long)epx_globaltimer();
   ++c.state->trace_n[epx_trace_kind(c, op)];
+  epx_trace_sample(c, op, 0, c.state->trace_t0);
 }
 
 /* Called by exactly one thread per op and point. */
@@ -447,6 +466,7 @@ static __device__ __forceinline__ void epx_trace(const EpxDevCtx &c, int op, int
   if (!c.trace) return;
   const unsigned long long now = (unsigned long long)epx_globaltimer();
   if (point == EPX_TRACE_RECV_START) c.state->trace_t1 = now;
+  epx_trace_sample(c, op, 1 + point, now);
   const unsigned long long base = point > EPX_TRACE_RECV_START ? c.state->trace_t1 : c.state->trace_t0;
   /* a fused kernel's receive blocks may start before the send block 0 that sets trace_t0 */
   if (base == 0) return; /* ... of the first op: no start to count from */
@@ -805,6 +825,7 @@ static __device__ void epx_ll_trace_send_done(const EpxDevCtx &c, int op, EpxLLR
   epx_trace(c, op, EPX_TRACE_SEND_SIGNALS);
   const unsigned long long late = atomicExch(&c.state->trace_late_start, 0ull);
   const unsigned long long t0 = c.state->trace_t0;
+  epx_trace_sample(c, op, 1 + EPX_TRACE_SEND_LATE_START, late);
   c.state->trace_sum[epx_trace_kind(c, op)][EPX_TRACE_SEND_LATE_START] += late > t0 ? late - t0 : 0ull;
 }
 
