@@ -144,8 +144,11 @@ $(BUILD)/study-combine-precision: tools/study_combine_precision.c src/common/num
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -o $@ $< $(LDFLAGS_SAN) -lm
 
+# Tests of the scripts in tools/ (plain executables; python3 only)
+TOOL_TESTS := tests/tools/test_trace_skew
+
 test: header-check $(UNIT_BINS) $(MP_BINS) $(BENCH) $(CUDA_TEST_BINS) $(STUDY_BINS)
-	@tools/run-tests $(BUILD) $(UNIT_BINS) $(MP_BINS)
+	@tools/run-tests $(BUILD) $(UNIT_BINS) $(MP_BINS) $(TOOL_TESTS)
 
 
 test-cuda: $(CUDA_TEST_BINS)
