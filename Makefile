@@ -144,10 +144,20 @@ $(BUILD)/study-combine-precision: tools/study_combine_precision.c src/common/num
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -o $@ $< $(LDFLAGS_SAN) -lm
 
+# Probes: GPU programs that measure the hardware (not run by the tests; built
+# here so that they keep compiling). probe-ce: copy-engine exchange rates.
+PROBE_BINS :=
+ifeq ($(WITH_CUDA),1)
+PROBE_BINS += $(BUILD)/probe-ce
+$(BUILD)/probe-ce: tools/probe_ce.cu
+	@mkdir -p $(dir $@)
+	$(NVCC) -O3 -arch=$(CUDA_ARCH) -Werror all-warnings -o $@ $<
+endif
+
 # Tests of the scripts in tools/ (plain executables; python3 only)
 TOOL_TESTS := tests/tools/test_trace_skew
 
-test: header-check $(UNIT_BINS) $(MP_BINS) $(BENCH) $(CUDA_TEST_BINS) $(STUDY_BINS)
+test: header-check $(UNIT_BINS) $(MP_BINS) $(BENCH) $(CUDA_TEST_BINS) $(STUDY_BINS) $(PROBE_BINS)
 	@tools/run-tests $(BUILD) $(UNIT_BINS) $(MP_BINS) $(TOOL_TESTS)
 
 
