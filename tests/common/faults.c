@@ -895,3 +895,42 @@ int epx_fault_soak(double default_budget_s, int timeout_ms, epx_test_rank_fn seq
   }
   return fails != 0;
 }
+
+/* ------------------------------------------------------------ R3 warnings */
+
+int epx_fault_capture_begin(char *path, size_t n) {
+  setenv("EPX_DEBUG", "WARN", 1);
+  snprintf(path, n, "/tmp/epx-faults-%d-XXXXXX", (int)getpid());
+  int fd = mkstemp(path);
+  if (fd < 0) {
+    path[0] = 0;
+    return -1;
+  }
+  fflush(stderr);
+  int saved = dup(2);
+  dup2(fd, 2);
+  close(fd);
+  return saved;
+}
+
+int epx_fault_capture_end(const char *path, int saved, int slow) {
+  if (saved < 0) return 0;
+  fflush(stderr);
+  dup2(saved, 2);
+  close(saved);
+  FILE *fp = fopen(path, "r");
+  if (!fp) return 0;
+  char line[2048], want[48];
+  snprintf(want, sizeof want, "for rank %d ", slow);
+  int count = 0;
+  while (fgets(line, sizeof line, fp)) {
+    if (strstr(line, " epx WARN ") && strstr(line, "waiting") && strstr(line, want)) {
+      if (count++ == 0) fprintf(stderr, "  (captured) %s", line);
+    } else if (!strstr(line, " epx WARN ")) {
+      fputs(line, stderr); /* what the rank printed, warnings aside */
+    }
+  }
+  fclose(fp);
+  unlink(path);
+  return count;
+}

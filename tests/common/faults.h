@@ -41,7 +41,7 @@ typedef struct epx_fault_slot {
   int bad;          /* own checks failed */
   int iters;
   int fresh_ok;     /* CUDA R1: the survivors' fresh communicator was exact */
-  int warnings;     /* host R3: soft-timeout warnings naming the slow rank */
+  int warnings;     /* R3: soft-timeout warnings naming the slow rank */
   double t_err;     /* CLOCK_MONOTONIC seconds of the error */
   double destroy_s; /* duration of epxCommDestroy */
   double extra_s;   /* scenario specific figures */
@@ -274,7 +274,7 @@ typedef struct epx_fault_seq {
   int slow_rank; /* R3: sleeps before every call; -1 = none */
   double slow_sleep_s;
   int timeout_ms;
-  int soft_timeout_ms; /* host R3: the soft timeout whose warnings it counts */
+  int soft_timeout_ms; /* R3: the soft timeout whose warnings it counts */
   int repeats;
 } epx_fault_seq;
 
@@ -286,6 +286,15 @@ void epx_fault_seq_random(epx_fault_seq *sp, uint64_t seed, int timeout_ms);
 void epx_fault_seq_problem(const epx_fault_seq *sp, epx_test_problem *p);
 /* Sleeps when `rank` is the slow one. */
 void epx_fault_seq_before_call(const epx_fault_seq *sp, int rank);
+
+/* R3 warnings. Begin: turns on WARN logging (before the library reads its
+ * parameters) and sends this process's stderr into a temporary file (path,
+ * n >= 32 bytes); returns the saved stderr, or -1 when nothing is captured.
+ * End: restores stderr, counts the soft-timeout warnings that name rank
+ * `slow` (" epx WARN ", "waiting", "for rank <slow> "; the first is echoed),
+ * replays every other line, removes the file; returns the count. */
+int epx_fault_capture_begin(char *path, size_t n);
+int epx_fault_capture_end(const char *path, int saved, int slow);
 
 #define EPX_FAULT_FNV_BASIS 0xcbf29ce484222325ull
 uint64_t epx_fault_fnv(uint64_t h, const void *p, size_t n);

@@ -339,45 +339,13 @@ out:
   return f;
 }
 
-/* Counts the soft-timeout warnings in a captured stderr file that name `slow`. */
-static int count_warnings(const char *path, int slow, int *others) {
-  FILE *fp = fopen(path, "r");
-  if (!fp) return 0;
-  char line[2048], want[48];
-  snprintf(want, sizeof want, "for rank %d ", slow);
-  int n = 0;
-  *others = 0;
-  while (fgets(line, sizeof line, fp)) {
-    if (!strstr(line, " epx WARN ") || !strstr(line, "waiting")) continue;
-    if (strstr(line, want)) {
-      if (n == 0) fprintf(stderr, "  (captured) %s", line);
-      ++n;
-    } else {
-      ++*others;
-    }
-  }
-  fclose(fp);
-  return n;
-}
-
 static int seq_rank(int rank, int R, const epxUniqueId *id, void *arg) {
   const epx_fault_seq *sp = arg;
   epx_fault_slot *me = &B->r[rank];
   char cap_path[64] = "";
-  int saved_err = -1;
-  if (sp->slow_rank >= 0) {
-    /* R3: capture this rank's stderr and turn on WARN logging before the
-     * library reads its parameters. */
-    setenv("EPX_DEBUG", "WARN", 1);
-    snprintf(cap_path, sizeof cap_path, "/tmp/epx-faults-%d-XXXXXX", (int)getpid());
-    int fd = mkstemp(cap_path);
-    if (fd >= 0) {
-      fflush(stderr);
-      saved_err = dup(2);
-      dup2(fd, 2);
-      close(fd);
-    }
-  }
+  /* R3: capture this rank's stderr, WARN logging on, before the library reads
+   * its parameters. */
+  int saved_err = sp->slow_rank >= 0 ? epx_fault_capture_begin(cap_path, sizeof cap_path) : -1;
   epx_test_problem p;
   epx_fault_seq_problem(sp, &p);
   epxConfig_t cfg = epx_test_config(&p, sp->llT);
@@ -388,26 +356,12 @@ static int seq_rank(int rank, int R, const epxUniqueId *id, void *arg) {
   if (epx_test_comm_init(&comm, rank, R, id, &cfg)) return 1;
   int f = epx_fault_seq_repeat(sp, rank, comm, run_sequence);
   if (saved_err >= 0) {
-    fflush(stderr);
-    dup2(saved_err, 2);
-    close(saved_err);
-    if (rank != sp->slow_rank) {
-      int others = 0;
-      me->warnings = count_warnings(cap_path, sp->slow_rank, &others);
-      /* one wait per call on the slow rank: notify, dispatch, combine, worst
-       * dispatch, LL dispatch, LL combine */
-      if (me->warnings < 6)
-        epx_fault_note(rank, "%d soft-timeout warnings name rank %d, expected >= 6", me->warnings,
-                       sp->slow_rank);
-    }
-    FILE *fp = fopen(cap_path, "r");
-    if (fp) { /* replay what the rank printed, warnings aside */
-      char line[2048];
-      while (fgets(line, sizeof line, fp))
-        if (!strstr(line, " epx WARN ")) fputs(line, stderr);
-      fclose(fp);
-    }
-    unlink(cap_path);
+    me->warnings = epx_fault_capture_end(cap_path, saved_err, sp->slow_rank);
+    /* one wait per call on the slow rank: notify, dispatch, combine, worst
+     * dispatch, LL dispatch, LL combine */
+    if (rank != sp->slow_rank && me->warnings < 6)
+      epx_fault_note(rank, "%d soft-timeout warnings name rank %d, expected >= 6", me->warnings,
+                     sp->slow_rank);
   }
   return f || me->bad;
 }

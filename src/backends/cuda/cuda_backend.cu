@@ -68,6 +68,9 @@ typedef struct EpxCudaComm {
   int trace;      /* EPX_CUDA_TRACE: LL phase times, printed at destroy */
   unsigned int trace_fused_ops[2]; /* fused LL dispatches / combines launched (sample rows) */
   int pdl;        /* EPX_CUDA_PDL: op kernels launched as programmatic dependents */
+  /* soft-timeout records logged so far (EpxSoftRecord; drain_soft_waits) */
+  pthread_mutex_t soft_lock;
+  unsigned long long soft_seen;
   /* low-latency mode */
   int ll_enabled;           /* 0: LL ops answer epxNotSupported (ll_off_reason) */
   const char *ll_off_reason;
@@ -143,6 +146,7 @@ static EpxDevCtx make_ctx(epxComm_t comm) {
   c.host = cc->host_dev;
   c.lay = cc->lay;
   c.timeout_ns = comm->timeout_ns;
+  c.soft_timeout_ns = comm->soft_timeout_ns;
   c.rank = comm->rank;
   c.nranks = comm->nranks;
   c.ranks_per_node = comm->ranks_per_node;
@@ -178,10 +182,14 @@ static void live_mark_failed(EpxCudaComm *cc, int code, int peer, unsigned int w
   epx_live_mark(cc->live, cc->rank, EPX_PEER_FAILED, culprit, code);
 }
 
+static void drain_soft_waits(EpxCudaComm *cc);
+
 /* The watcher's tick: a fatal error the device recorded is published to the
- * peers even while the application makes no call that would read it. */
+ * peers even while the application makes no call that would read it; waits
+ * past the soft timeout are logged while they last. */
 static void live_tick(void *arg) {
   EpxCudaComm *cc = (EpxCudaComm *)arg;
+  drain_soft_waits(cc);
   volatile EpxErrRecord *r = &cc->host->rec;
   int code = r->code;
   if (code == epxTimeout || code == epxAborted || code == epxPeerFailed)
@@ -302,6 +310,33 @@ static void describe_wait(char *buf, size_t n, int phase, long long expected, lo
   }
 }
 
+/* Logs, at WARN and oldest first, the soft-timeout records the device left
+ * (EpxSoftRecord in cuda_common.cuh) since the last call. Records the device
+ * overwrote before they were read are counted, not lost silently. */
+static void drain_soft_waits(EpxCudaComm *cc) {
+  pthread_mutex_lock(&cc->soft_lock);
+  for (;;) {
+    volatile EpxSoftRecord *r = &cc->host->soft[cc->soft_seen % EPX_SOFT_RING];
+    const unsigned long long number = r->number;
+    if (number <= cc->soft_seen) break; /* the next record is not written yet */
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    const int op = r->op, phase = r->phase, peer = r->peer;
+    const long long waited_ns = r->waited_ns, expected = r->expected, seen = r->seen;
+    const unsigned long long seq = r->seq;
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    if (r->number != number) continue; /* rewritten while read: read it again */
+    if (number > cc->soft_seen + 1)
+      EPX_WARN(cc->rank, "%llu soft-timeout warnings were overwritten before they were logged",
+               number - 1 - cc->soft_seen);
+    char waited[128];
+    describe_wait(waited, sizeof waited, phase, expected, seen);
+    EPX_WARN(cc->rank, "%s seq %llu, %s: waiting %.0f ms for rank %d (%s)", op_name(op), seq,
+             phase_name(phase), (double)waited_ns / 1e6, peer, waited);
+    cc->soft_seen = number;
+  }
+  pthread_mutex_unlock(&cc->soft_lock);
+}
+
 /* Turns the host-mapped record into a result and message; clears non-fatal ones. */
 static epxResult_t report_record(epxComm_t comm, const char *when) {
   EpxCudaComm *cc = cc_of(comm);
@@ -364,6 +399,7 @@ static epxResult_t report_record(epxComm_t comm, const char *when) {
 /* At the entry of every op: an error left by an earlier stream-ordered call. */
 static epxResult_t check_earlier(epxComm_t comm) {
   EpxCudaComm *cc = cc_of(comm);
+  drain_soft_waits(cc);
   if (cc->host->rec.code == 0) return epxSuccess;
   epxResult_t res = report_record(comm, "an earlier call: ");
   /* Whatever it was, the ranks may now disagree about what ran: fail for good. */
@@ -495,6 +531,7 @@ static void release(epxComm_t comm) {
   if (cc->live_registered) cudaHostUnregister(cc->live_registered);
   epx_live_free(cc->live);
   cc->live = NULL;
+  if (cc->host) drain_soft_waits(cc); /* the watcher has stopped; nothing writes the ring now */
   if (cc->live_mirror) cudaFreeHost(cc->live_mirror);
   free(cc->pids);
   if (cc->peer_host) {
@@ -520,6 +557,7 @@ static void release(epxComm_t comm) {
   comm->ll_combine_buffer = NULL;
   if (cc->host) cudaFreeHost(cc->host);
   if (cc->comm_stream) cudaStreamDestroy(cc->comm_stream);
+  pthread_mutex_destroy(&cc->soft_lock);
   free(cc);
   comm->backend = NULL;
 }
@@ -550,6 +588,7 @@ static epxResult_t cuda_init(epxComm_t comm, struct epxBootstrap *boot) {
   comm->backend = cc;
   cc->rank = me;
   cc->owner_pid = getpid();
+  pthread_mutex_init(&cc->soft_lock, NULL);
 
   if (R > EPX_CUDA_MAX_RANKS) {
     res = epx_error(comm, epxNotSupported, "the CUDA backend serves at most %d ranks (got %d)",

@@ -302,6 +302,20 @@ static inline __host__ __device__ size_t epx_cuda_ll_mask_bytes(int num_experts,
 #define EPX_LL_THREADS 256
 #define EPX_LL_WARPS (EPX_LL_THREADS / 32)
 
+/* Soft-timeout warnings (epxConfig_t.soft_timeout_ms): the first wait of an
+ * op that outlasts the soft timeout, per peer waited for, leaves a record in
+ * this host-mapped ring, and the host logs it at WARN (at the watcher's tick,
+ * the next call on the communicator, and destroy). The device claims record
+ * n with a device-memory counter (state->soft_claim), writes it into slot
+ * n % EPX_SOFT_RING and its number (n + 1) last, after a system fence. */
+#define EPX_SOFT_RING 32
+typedef struct EpxSoftRecord {
+  unsigned long long number; /* claim number + 1; 0 = never written */
+  int op, phase, peer, pad;
+  long long waited_ns, expected, seen;
+  unsigned long long seq;
+} EpxSoftRecord;
+
 /* Host-mapped (cudaHostAlloc mapped) words: written by kernels, read by the host
  * after the stream work (or peeked at the next call), and the abort flag the
  * host sets for every spinning kernel to see. */
@@ -310,6 +324,7 @@ typedef struct EpxHostShared {
   int status;         /* epxResult_t of the last count exchange */
   long long n_recv;   /* N_recv of the last count exchange */
   EpxErrRecord rec;
+  EpxSoftRecord soft[EPX_SOFT_RING]; /* soft-timeout warnings, for the host to log */
   int per_expert[1];  /* [E_local], aligned counts of the last count exchange */
 } EpxHostShared;
 
@@ -359,6 +374,8 @@ typedef struct EpxCudaState {
   unsigned int ll_recv_done;   /* last-block counter of the LL receive kernels */
   unsigned int layout_done;    /* last-block counter of the layout kernel */
   unsigned int trace_done[2];  /* EPX_CUDA_TRACE: send / consume blocks of a normal op finished */
+  unsigned long long soft_claim; /* soft-timeout records claimed (EpxSoftRecord) */
+  unsigned long long soft_seq[EPX_CUDA_MAX_RANKS]; /* last call warned about, per peer */
   /* EPX_CUDA_TRACE=1: where the time of the LL ops goes. trace_t0 is the
    * %globaltimer at the start of the current op's send kernel; each point adds
    * its delta to trace_sum[kind][point] (one writer per point: no atomics). */
@@ -381,6 +398,7 @@ typedef struct EpxDevCtx {
   EpxHostShared *host; /* device address of the host-mapped words */
   EpxRegionLayout lay;
   long long timeout_ns;
+  long long soft_timeout_ns; /* 0: no soft-timeout warnings */
   int rank, nranks, ranks_per_node;
   int num_experts, num_local_experts;
   int max_tokens, max_topk;
@@ -518,8 +536,28 @@ static __device__ void epx_record_error(const EpxDevCtx &c, int code, int op, in
   __threadfence_system();
 }
 
+/* A wait on `peer` has outlasted the soft timeout: one record per call and
+ * peer (the first waiter to see it; the others of the call stay quiet). */
+static __device__ void epx_record_soft_wait(const EpxDevCtx &c, int op, int phase, int peer, long long waited_ns,
+                                            long long expected, long long seen, unsigned long long seq) {
+  if (peer < 0 || peer >= c.nranks || seq == 0) return;
+  if (atomicMax(&c.state->soft_seq[peer], seq) >= seq) return;
+  const unsigned long long n = atomicAdd(&c.state->soft_claim, 1ull);
+  volatile EpxSoftRecord *r = &c.host->soft[n % EPX_SOFT_RING];
+  r->op = op;
+  r->phase = phase;
+  r->peer = peer;
+  r->waited_ns = waited_ns;
+  r->expected = expected;
+  r->seen = seen;
+  r->seq = seq;
+  __threadfence_system();
+  r->number = n + 1; /* last: the host reads the fields only once the number is there */
+}
+
 /* Waits until *flag >= expected (an epoch). Wall clock (%globaltimer) against
- * the communicator's timeout; polls the host-mapped abort flag, the sticky
+ * the communicator's timeout (and, once, its soft timeout: a warning record);
+ * polls the host-mapped abort flag, the sticky
  * fatal flag and the liveness word of `peer` (the rank that writes *flag).
  * Returns 1 when the value arrived, 0 after recording the failure (a peer
  * that will not arrive any more: epxPeerFailed, with its word in rec.why).
@@ -530,6 +568,7 @@ static __device__ int epx_wait_epoch(const EpxDevCtx &c, const unsigned long lon
                                      unsigned long long seq) {
   const long long start = epx_globaltimer();
   long long next_host_check = start + EPX_CUDA_HOST_CHECK_NS;
+  int warned = 0; /* the soft timeout was reported */
   for (unsigned int polls = 1;; ++polls) {
     unsigned long long v = epx_ld_relaxed_sys(flag);
     /* flags only grow: the acquire re-read sees v or a later value of the same
@@ -560,6 +599,10 @@ static __device__ int epx_wait_epoch(const EpxDevCtx &c, const unsigned long lon
           return 0;
         }
       }
+    }
+    if (!warned && c.soft_timeout_ns > 0 && now - start > c.soft_timeout_ns) {
+      warned = 1;
+      epx_record_soft_wait(c, op, phase, peer, now - start, (long long)expected, (long long)v, seq);
     }
     if (now - start > c.timeout_ns) {
       epx_record_error(c, epxTimeout, op, phase, peer, EPX_FIELD_NONE, (long long)expected,
