@@ -934,3 +934,12 @@ int epx_fault_capture_end(const char *path, int saved, int slow) {
   unlink(path);
   return count;
 }
+
+void epx_fault_r3_end(const epx_fault_seq *sp, int rank, const char *path, int saved) {
+  if (saved < 0) return;
+  epx_fault_slot *me = &B->r[rank];
+  me->warnings = epx_fault_capture_end(path, saved, sp->slow_rank);
+  if (rank != sp->slow_rank && me->warnings < 6)
+    epx_fault_note(rank, "%d soft-timeout warnings name rank %d, expected >= 6", me->warnings,
+                   sp->slow_rank);
+}

@@ -295,6 +295,11 @@ void epx_fault_seq_before_call(const epx_fault_seq *sp, int rank);
  * replays every other line, removes the file; returns the count. */
 int epx_fault_capture_begin(char *path, size_t n);
 int epx_fault_capture_end(const char *path, int saved, int slow);
+/* R3, after the sequence (comm destroyed, so every warning is logged): ends
+ * the capture into this rank's board slot (warnings) and, on the ranks that
+ * waited for the slow one, wants a warning naming it for each of the 6 calls
+ * (notify, dispatch, combine, worst-case dispatch, LL dispatch, LL combine). */
+void epx_fault_r3_end(const epx_fault_seq *sp, int rank, const char *path, int saved);
 
 #define EPX_FAULT_FNV_BASIS 0xcbf29ce484222325ull
 uint64_t epx_fault_fnv(uint64_t h, const void *p, size_t n);

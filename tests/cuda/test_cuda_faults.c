@@ -659,14 +659,7 @@ static int seq_rank(int rank, int R, const epxUniqueId *id, void *arg) {
   if (epx_test_comm_init(&comm, rank, R, id, &cfg)) return 1;
   int f = epx_fault_seq_repeat(sp, rank, comm, run_sequence); /* destroys comm: warnings logged */
   cudaStreamDestroy(g_stream);
-  if (saved_err >= 0) {
-    me->warnings = epx_fault_capture_end(cap_path, saved_err, sp->slow_rank);
-    /* the other ranks wait for the slow one in each of the 6 calls (count
-     * exchange or LL headers): one warning per call */
-    if (rank != sp->slow_rank && me->warnings < 6)
-      epx_fault_note(rank, "%d soft-timeout warnings name rank %d, expected >= 6", me->warnings,
-                     sp->slow_rank);
-  }
+  epx_fault_r3_end(sp, rank, cap_path, saved_err);
   return f || me->bad;
 }
 

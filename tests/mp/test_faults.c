@@ -355,14 +355,7 @@ static int seq_rank(int rank, int R, const epxUniqueId *id, void *arg) {
   epxComm_t comm;
   if (epx_test_comm_init(&comm, rank, R, id, &cfg)) return 1;
   int f = epx_fault_seq_repeat(sp, rank, comm, run_sequence);
-  if (saved_err >= 0) {
-    me->warnings = epx_fault_capture_end(cap_path, saved_err, sp->slow_rank);
-    /* one wait per call on the slow rank: notify, dispatch, combine, worst
-     * dispatch, LL dispatch, LL combine */
-    if (rank != sp->slow_rank && me->warnings < 6)
-      epx_fault_note(rank, "%d soft-timeout warnings name rank %d, expected >= 6", me->warnings,
-                     sp->slow_rank);
-  }
+  epx_fault_r3_end(sp, rank, cap_path, saved_err);
   return f || me->bad;
 }
 
