@@ -230,6 +230,20 @@ typedef struct epxCommInfo {
 
 epxResult_t epxCommGetInfo(epxComm_t comm, epxCommInfo_t *info);
 
+/* Waits on one peer that passed the soft timeout (config.soft_timeout_ms),
+ * since init: which peer is slow, how often and how slow. Each is also logged
+ * at WARN (EPX_DEBUG=WARN). The host backend counts every such wait; the CUDA
+ * backend one per call and peer (the first of the call's device waits on it). */
+typedef struct epxPeerWaitStats {
+  uint64_t slow_waits;     /* waits on this peer that passed the soft timeout */
+  int64_t longest_wait_ns; /* the longest of them: host backend, until it ended; CUDA,
+                              when the host learnt of it (at least the soft timeout) */
+  uint64_t last_slow_seq;  /* call number of the latest (calls count from 1); 0: none */
+} epxPeerWaitStats_t;
+
+/* Valid after a failure too (until epxCommDestroy). peer in [0, nranks). */
+epxResult_t epxCommGetPeerWaitStats(epxComm_t comm, int peer, epxPeerWaitStats_t *stats);
+
 /* ---------------------------------------------------------------- handles */
 
 /* A handle carries the routing of one dispatch to the combine that undoes it

@@ -191,6 +191,15 @@ class Communicator:
                 "epxCommGetAsyncError")
         return v.value
 
+    def peer_wait_stats(self, peer):
+        """epxCommGetPeerWaitStats as a dict: waits on `peer` past the soft
+        timeout (slow_waits), the longest (longest_wait_ns), the last call's number."""
+        st = L.PeerWaitStats()
+        L.check(L.lib.epxCommGetPeerWaitStats(self.ptr, peer, ctypes.byref(st)), self._ptr,
+                "epxCommGetPeerWaitStats")
+        return {"slow_waits": st.slow_waits, "longest_wait_ns": st.longest_wait_ns,
+                "last_slow_seq": st.last_slow_seq}
+
     def last_error(self):
         return L.last_error(self._ptr)
 

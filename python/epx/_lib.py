@@ -118,6 +118,13 @@ class CommInfo(ctypes.Structure):
     ]
 
 
+class PeerWaitStats(ctypes.Structure):
+    """epxPeerWaitStats_t."""
+    _fields_ = [
+        ("slow_waits", ctypes.c_uint64), ("longest_wait_ns", c_int64), ("last_slow_seq", ctypes.c_uint64),
+    ]
+
+
 class HandleInfo(ctypes.Structure):
     """epxHandleInfo_t."""
     _fields_ = [("state", c_int), ("num_tokens", c_int), ("num_topk", c_int),
@@ -267,6 +274,7 @@ def _declare(lib):
         "epxCommGetAsyncError": (c_int, [c_void_p, P(c_int)]),
         "epxCommGetLastError": (ctypes.c_char_p, [c_void_p]),
         "epxCommGetInfo": (c_int, [c_void_p, P(CommInfo)]),
+        "epxCommGetPeerWaitStats": (c_int, [c_void_p, c_int, P(PeerWaitStats)]),
         "epxHandleCreate": (c_int, [c_void_p, P(c_void_p)]),
         "epxHandleDestroy": (c_int, [c_void_p]),
         "epxHandleGetInfo": (c_int, [c_void_p, P(HandleInfo)]),

@@ -15,6 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 STRUCTS = {
     "epxConfig_t": L.ConfigStruct, "epxSizeHints_t": L.SizeHints, "epxCommInfo_t": L.CommInfo,
+    "epxPeerWaitStats_t": L.PeerWaitStats,
     "epxHandleInfo_t": L.HandleInfo, "epxLayout_t": L.Layout,
     "epxDispatchArgs_t": L.DispatchArgs, "epxDispatchOutputs_t": L.DispatchOutputs,
     "epxCombineArgs_t": L.CombineArgs, "epxCombineOutputs_t": L.CombineOutputs,
@@ -84,3 +85,18 @@ def test_errors_carry_the_library_message(libepx):
     assert e.code == L.INVALID_ARGUMENT and e.result == "epxInvalidArgument"
     assert "num_experts" in e.message and e.message in str(e)
     assert isinstance(e, ValueError) and isinstance(e, epx.EpxError)
+
+
+def test_peer_wait_stats(libepx):
+    from epx._comm import Communicator
+    cfg = L.default_config(backend=L.BACKEND_HOST, num_experts=16, hidden=256, max_tokens_per_rank=64,
+                           ll_max_tokens_per_rank=0)
+    comm = Communicator.init_with_allgather(0, 1, lambda data: [data], cfg)
+    try:
+        assert comm.peer_wait_stats(0) == {"slow_waits": 0, "longest_wait_ns": 0, "last_slow_seq": 0}
+        with pytest.raises(epx.EpxInvalidArgumentError) as info:
+            comm.peer_wait_stats(1)
+        assert "peer is 1, not in [0, 1)" in info.value.message
+        assert comm.peer_wait_stats(0)["slow_waits"] == 0  # still usable
+    finally:
+        comm.destroy()

@@ -252,6 +252,13 @@ typedef struct bootstrap_source {
   void *user;
 } bootstrap_source;
 
+/* Frees the core's part of a communicator (the backend's is gone by then). */
+static void free_comm(epxComm_t comm) {
+  if (comm->wait_stats) pthread_mutex_destroy(&comm->stats_lock);
+  free(comm->wait_stats);
+  free(comm);
+}
+
 static epxResult_t comm_init(epxComm_t *out, int nranks, int rank, const bootstrap_source *src,
                              const epxConfig_t *config) {
   epxResult_t res = epxSuccess;
@@ -333,6 +340,12 @@ static epxResult_t comm_init(epxComm_t *out, int nranks, int rank, const bootstr
   comm->uid = uid;
   comm->timeout_ns = (int64_t)cfg.timeout_ms * 1000000;
   comm->soft_timeout_ns = (int64_t)cfg.soft_timeout_ms * 1000000;
+  pthread_mutex_init(&comm->stats_lock, NULL);
+  comm->wait_stats = calloc((size_t)nranks, sizeof *comm->wait_stats);
+  if (!comm->wait_stats) {
+    res = epx_error(NULL, epxOutOfMemory, "init: cannot allocate the wait statistics");
+    goto fail;
+  }
   atomic_init(&comm->abort_flag, 0);
   atomic_init(&comm->async_error, epxSuccess);
   comm->ops = backend_ops_for(cfg.backend);
@@ -367,7 +380,7 @@ fail:
   if (comm) {
     if (backend_ready) comm->ops->destroy(comm);
     comm->magic = EPX_DEAD_MAGIC;
-    free(comm);
+    free_comm(comm);
   }
   epx_bootstrap_destroy(boot);
   return res;
@@ -413,7 +426,7 @@ EPX_API epxResult_t epxCommDestroy(epxComm_t comm) {
   /* The backend owns comm->ll_combine_buffer and frees it in destroy. */
   comm->ops->destroy(comm);
   comm->magic = EPX_DEAD_MAGIC;
-  free(comm);
+  free_comm(comm);
   return epxSuccess;
 }
 
@@ -440,6 +453,33 @@ EPX_API epxResult_t epxCommGetAsyncError(epxComm_t comm, epxResult_t *async_erro
 EPX_API const char *epxCommGetLastError(epxComm_t comm) {
   if (!comm || !epx_registry_contains(comm)) return epx_thread_error_slot();
   return comm->last_error;
+}
+
+void epx_note_slow_wait(epxComm_t comm, int peer, uint64_t seq, int64_t waited_ns, int new_wait) {
+  if (!comm->wait_stats || peer < 0 || peer >= comm->nranks) return;
+  pthread_mutex_lock(&comm->stats_lock);
+  epxPeerWaitStats_t *st = &comm->wait_stats[peer];
+  if (new_wait) {
+    st->slow_waits++;
+    if (seq > st->last_slow_seq) st->last_slow_seq = seq;
+  }
+  if (waited_ns > st->longest_wait_ns) st->longest_wait_ns = waited_ns;
+  pthread_mutex_unlock(&comm->stats_lock);
+}
+
+EPX_API epxResult_t epxCommGetPeerWaitStats(epxComm_t comm, int peer, epxPeerWaitStats_t *stats) {
+  if (!comm || !epx_registry_contains(comm))
+    return epx_error(NULL, epxInvalidArgument, "epxCommGetPeerWaitStats: %p is not a live communicator",
+                     (void *)comm);
+  if (!stats) return epx_error(comm, epxInvalidArgument, "epxCommGetPeerWaitStats: stats is NULL");
+  if (peer < 0 || peer >= comm->nranks)
+    return epx_error(comm, epxInvalidArgument, "epxCommGetPeerWaitStats: peer is %d, not in [0, %d)", peer,
+                     comm->nranks);
+  if (comm->ops->poll_events) comm->ops->poll_events(comm);
+  pthread_mutex_lock(&comm->stats_lock);
+  *stats = comm->wait_stats[peer];
+  pthread_mutex_unlock(&comm->stats_lock);
+  return epxSuccess;
 }
 
 EPX_API epxResult_t epxCommGetInfo(epxComm_t comm, epxCommInfo_t *info) {

@@ -10,6 +10,7 @@
 #ifndef EPX_CORE_INTERNAL_H
 #define EPX_CORE_INTERNAL_H
 
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdint.h>
 
@@ -76,8 +77,17 @@ struct epxComm {
   void *backend; /* backend-private state */
   void *ll_combine_buffer; /* lazily allocated zero-copy buffer (backend memory) */
   int normal_sms, ll_sms;  /* set by the backend's init (epxCommInfo_t) */
+  /* Per-peer waits past the soft timeout (epxCommGetPeerWaitStats): written by
+   * the backends (epx_note_slow_wait), from a watcher thread too. */
+  pthread_mutex_t stats_lock;
+  epxPeerWaitStats_t *wait_stats; /* [nranks] */
   char last_error[EPX_ERROR_MSG_BYTES];
 };
+
+/* A wait on `peer` in call `seq` passed the soft timeout after waited_ns
+ * (new_wait = 1), or such a wait, already counted, ended after waited_ns
+ * (new_wait = 0: only the longest wait may grow). */
+void epx_note_slow_wait(epxComm_t comm, int peer, uint64_t seq, int64_t waited_ns, int new_wait);
 
 /* Routing state carried from a dispatch to its combine. Arrays live in
  * backend memory (host memory for the host backend, device memory for CUDA),
@@ -147,6 +157,9 @@ typedef struct epxBackendOps {
                             void *combined_x, epxStream_t stream);
   epxResult_t (*ll_recv)(epxComm_t comm, epxHandle_t handle, epxStream_t stream);
   epxResult_t (*ll_combine_buffer)(epxComm_t comm, void **buffer);
+  /* Optional (NULL: none): take in what the device left for the host (the
+   * CUDA backend's soft-timeout records), before the core reports on it. */
+  void (*poll_events)(epxComm_t comm);
 } epxBackendOps;
 
 extern const epxBackendOps epx_host_backend_ops;

@@ -810,6 +810,29 @@ int epx_fault_seq_notify(const epx_fault_seq *sp, const epx_fault_pass *ps, int 
   return f;
 }
 
+/* R3: the wait statistics of a rank that waited for the slow one name it in
+ * each of the 6 calls, at least the soft timeout long (into extra_s / extra2_s). */
+static int r3_check_wait_stats(const epx_fault_seq *sp, int rank, epxComm_t comm) {
+  epx_fault_slot *me = &B->r[rank];
+  epxPeerWaitStats_t st;
+  if (epxCommGetPeerWaitStats(comm, sp->slow_rank, &st) != epxSuccess) {
+    epx_fault_note(rank, "epxCommGetPeerWaitStats: %s", epxCommGetLastError(comm));
+    return 1;
+  }
+  me->extra_s = (double)st.slow_waits;
+  me->extra2_s = (double)st.longest_wait_ns / 1e9;
+  const int64_t soft_ns = (int64_t)sp->soft_timeout_ms * 1000000;
+  if (st.slow_waits < 6 || st.longest_wait_ns < soft_ns || st.last_slow_seq == 0) {
+    epx_fault_note(rank,
+                   "wait statistics of rank %d: %llu slow waits (want >= 6), longest %.0f ms (want "
+                   ">= %d), last call %llu",
+                   sp->slow_rank, (unsigned long long)st.slow_waits, (double)st.longest_wait_ns / 1e6,
+                   sp->soft_timeout_ms, (unsigned long long)st.last_slow_seq);
+    return 1;
+  }
+  return 0;
+}
+
 int epx_fault_seq_repeat(const epx_fault_seq *sp, int rank, epxComm_t comm,
                          epx_fault_pass_fn pass) {
   epx_fault_slot *me = &B->r[rank];
@@ -838,6 +861,7 @@ int epx_fault_seq_repeat(const epx_fault_seq *sp, int rank, epxComm_t comm,
   epxResult_t async = epxSuccess;
   epxCommGetAsyncError(comm, &async);
   if (async != epxSuccess) epx_fault_note(rank, "sticky error %s", epxGetErrorString(async));
+  if (sp->slow_rank >= 0 && rank != sp->slow_rank) f |= r3_check_wait_stats(sp, rank, comm);
   if (epxCommDestroy(comm) != epxSuccess) epx_fault_note(rank, "epxCommDestroy failed");
   epx_test_world_free(&w);
   if (two) epx_test_world_free(&wl);

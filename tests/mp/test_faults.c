@@ -368,9 +368,11 @@ static int section_r3(void) {
   int hangs = epx_fault_run(sp.R, seq_rank, &sp, NULL, NULL, 60.0, st, 0);
   int ok = hangs == 0 && epx_fault_all_ok(st, sp.R);
   printf("%s r3_slow_rank: rank %d sleeps %.0f ms (80 %% of the %d ms timeout) before each of 6 "
-         "calls; exact, no error; soft-timeout warnings naming it: %d and %d (%.1f s)\n",
+         "calls; exact, no error; soft-timeout warnings naming it: %d and %d; its wait statistics: "
+         "%.0f and %.0f slow waits, longest %.0f and %.0f ms (%.1f s)\n",
          ok ? "PASS" : "FAIL", sp.slow_rank, sp.slow_sleep_s * 1e3, sp.timeout_ms, B->r[0].warnings,
-         B->r[1].warnings, epx_test_now() - t0);
+         B->r[1].warnings, B->r[0].extra_s, B->r[1].extra_s, B->r[0].extra2_s * 1e3,
+         B->r[1].extra2_s * 1e3, epx_test_now() - t0);
   fflush(stdout);
   return !ok;
 }

@@ -392,7 +392,24 @@ static int single_rank_allgather_checks(void) {
     epxCommInfo_t info;
     CHECK(epxCommGetInfo(comm, &info) == epxSuccess && info.nranks == 1 && info.num_nodes == 1,
           "one-rank info");
+    /* wait statistics: zero on a fresh communicator; bad arguments named */
+    epxPeerWaitStats_t st;
+    memset(&st, 0xA5, sizeof st);
+    CHECK(epxCommGetPeerWaitStats(comm, 0, &st) == epxSuccess && st.slow_waits == 0 &&
+              st.longest_wait_ns == 0 && st.last_slow_seq == 0,
+          "fresh wait statistics: %llu waits, %lld ns, seq %llu", (unsigned long long)st.slow_waits,
+          (long long)st.longest_wait_ns, (unsigned long long)st.last_slow_seq);
+    CHECK(epxCommGetPeerWaitStats(comm, 1, &st) == epxInvalidArgument &&
+              strstr(epxCommGetLastError(comm), "peer is 1, not in [0, 1)"),
+          "wait statistics of peer 1 of 1: %s", epxCommGetLastError(comm));
+    CHECK(epxCommGetPeerWaitStats(comm, -1, &st) == epxInvalidArgument, "wait statistics of peer -1");
+    CHECK(epxCommGetPeerWaitStats(comm, 0, NULL) == epxInvalidArgument &&
+              strstr(epxCommGetLastError(comm), "stats is NULL"),
+          "wait statistics into NULL: %s", epxCommGetLastError(comm));
+    CHECK(epxCommGetPeerWaitStats(NULL, 0, &st) == epxInvalidArgument, "wait statistics of NULL");
+    CHECK(epxCommGetInfo(comm, &info) == epxSuccess, "the communicator works after the bad calls");
     CHECK(epxCommDestroy(comm) == epxSuccess, "destroy");
+    CHECK(epxCommGetPeerWaitStats(comm, 0, &st) == epxInvalidArgument, "wait statistics after destroy");
     /* a destroyed communicator is recognised, not dereferenced */
     CHECK(epxCommDestroy(comm) == epxInvalidUsage, "double destroy");
   }

@@ -71,6 +71,7 @@ typedef struct EpxCudaComm {
   /* soft-timeout records logged so far (EpxSoftRecord; drain_soft_waits) */
   pthread_mutex_t soft_lock;
   unsigned long long soft_seen;
+  epxComm_t comm; /* the core communicator: its wait statistics (epx_note_slow_wait) */
   /* low-latency mode */
   int ll_enabled;           /* 0: LL ops answer epxNotSupported (ll_off_reason) */
   const char *ll_off_reason;
@@ -332,6 +333,7 @@ static void drain_soft_waits(EpxCudaComm *cc) {
     describe_wait(waited, sizeof waited, phase, expected, seen);
     EPX_WARN(cc->rank, "%s seq %llu, %s: waiting %.0f ms for rank %d (%s)", op_name(op), seq,
              phase_name(phase), (double)waited_ns / 1e6, peer, waited);
+    epx_note_slow_wait(cc->comm, peer, seq, waited_ns, 1);
     cc->soft_seen = number;
   }
   pthread_mutex_unlock(&cc->soft_lock);
@@ -589,6 +591,7 @@ static epxResult_t cuda_init(epxComm_t comm, struct epxBootstrap *boot) {
   cc->rank = me;
   cc->owner_pid = getpid();
   pthread_mutex_init(&cc->soft_lock, NULL);
+  cc->comm = comm;
 
   if (R > EPX_CUDA_MAX_RANKS) {
     res = epx_error(comm, epxNotSupported, "the CUDA backend serves at most %d ranks (got %d)",
@@ -1509,6 +1512,12 @@ static epxResult_t cuda_ll_combine_buffer(epxComm_t comm, void **buffer) {
   return epxSuccess;
 }
 
+/* The soft-timeout records the device left, into the log and the wait statistics. */
+static void cuda_poll_events(epxComm_t comm) {
+  EpxCudaComm *cc = cc_of(comm);
+  if (cc && cc->host) drain_soft_waits(cc);
+}
+
 static epxBackendOps make_ops(void) {
   epxBackendOps o;
   memset(&o, 0, sizeof o);
@@ -1527,6 +1536,7 @@ static epxBackendOps make_ops(void) {
   o.ll_combine = cuda_ll_combine;
   o.ll_recv = cuda_ll_recv;
   o.ll_combine_buffer = cuda_ll_combine_buffer;
+  o.poll_events = cuda_poll_events;
   return o;
 }
 

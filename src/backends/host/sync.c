@@ -83,7 +83,7 @@ epxResult_t epx_host_wait(epxComm_t comm, uint64_t target, epxOp_t op, uint64_t 
   int R = hc->nranks, p = 0;
   uint64_t spins = 0;
   int64_t start = 0, next_check = 0, next_proc = 0;
-  int warned = 0;
+  int warned = -1; /* the peer named by the soft-timeout warning, once given */
   epxResult_t code = epxSuccess;
   char why[160] = "";
 
@@ -93,7 +93,10 @@ epxResult_t epx_host_wait(epxComm_t comm, uint64_t target, epxOp_t op, uint64_t 
     while (p < R &&
            atomic_load_explicit(counter_of(&hc->peers[p]), memory_order_acquire) >= target)
       ++p;
-    if (p == R) return epxSuccess;
+    if (p == R) {
+      if (warned >= 0) epx_note_slow_wait(comm, warned, seq, epx_now_ns() - start, 0);
+      return epxSuccess;
+    }
     if (++spins <= HOST_SPIN_ITERS) {
       cpu_relax();
       continue;
@@ -142,8 +145,9 @@ epxResult_t epx_host_wait(epxComm_t comm, uint64_t target, epxOp_t op, uint64_t 
                       atomic_load_explicit(&hc->peers[cascade].ctrl->dead, memory_order_acquire));
       }
       if (code != epxSuccess) break;
-      if (comm->soft_timeout_ns > 0 && !warned && now - start >= comm->soft_timeout_ns) {
-        warned = 1;
+      if (comm->soft_timeout_ns > 0 && warned < 0 && now - start >= comm->soft_timeout_ns) {
+        warned = p;
+        epx_note_slow_wait(comm, p, seq, now - start, 1);
         EPX_WARN(hc->rank, "%s seq %llu, %s: waiting %.0f ms for rank %d (barrier counter %llu, "
                  "want %llu)",
                  epx_op_name(op), (unsigned long long)seq, phase, (double)(now - start) / 1e6, p,
@@ -167,6 +171,7 @@ epxResult_t epx_host_wait(epxComm_t comm, uint64_t target, epxOp_t op, uint64_t 
 
   uint64_t seen = atomic_load_explicit(counter_of(&hc->peers[p]), memory_order_relaxed);
   double waited_ms = (double)(epx_now_ns() - start) / 1e6;
+  if (warned >= 0) epx_note_slow_wait(comm, warned, seq, epx_now_ns() - start, 0);
   /* Name the root cause onwards: the rank we lost, or the one it lost. */
   int culprit = p;
   if (code == epxPeerFailed &&
