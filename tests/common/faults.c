@@ -937,8 +937,10 @@ int epx_fault_capture_begin(char *path, size_t n) {
   return saved;
 }
 
-int epx_fault_capture_end(const char *path, int saved, int slow) {
-  if (saved < 0) return 0;
+/* Restores stderr, counts the captured soft-timeout warnings that name rank
+ * `slow` (" epx WARN ", "waiting", "for rank <slow> "; the first is echoed),
+ * replays every other line, removes the file. */
+static int capture_end(const char *path, int saved, int slow) {
   fflush(stderr);
   dup2(saved, 2);
   close(saved);
@@ -962,7 +964,7 @@ int epx_fault_capture_end(const char *path, int saved, int slow) {
 void epx_fault_r3_end(const epx_fault_seq *sp, int rank, const char *path, int saved) {
   if (saved < 0) return;
   epx_fault_slot *me = &B->r[rank];
-  me->warnings = epx_fault_capture_end(path, saved, sp->slow_rank);
+  me->warnings = capture_end(path, saved, sp->slow_rank);
   if (rank != sp->slow_rank && me->warnings < 6)
     epx_fault_note(rank, "%d soft-timeout warnings name rank %d, expected >= 6", me->warnings,
                    sp->slow_rank);

@@ -289,16 +289,14 @@ void epx_fault_seq_before_call(const epx_fault_seq *sp, int rank);
 
 /* R3 warnings. Begin: turns on WARN logging (before the library reads its
  * parameters) and sends this process's stderr into a temporary file (path,
- * n >= 32 bytes); returns the saved stderr, or -1 when nothing is captured.
- * End: restores stderr, counts the soft-timeout warnings that name rank
- * `slow` (" epx WARN ", "waiting", "for rank <slow> "; the first is echoed),
- * replays every other line, removes the file; returns the count. */
+ * n >= 32 bytes); returns the saved stderr, or -1 when nothing is captured. */
 int epx_fault_capture_begin(char *path, size_t n);
-int epx_fault_capture_end(const char *path, int saved, int slow);
-/* R3, after the sequence (comm destroyed, so every warning is logged): ends
- * the capture into this rank's board slot (warnings) and, on the ranks that
- * waited for the slow one, wants a warning naming it for each of the 6 calls
- * (notify, dispatch, combine, worst-case dispatch, LL dispatch, LL combine). */
+/* R3, after the sequence (comm destroyed, so every warning is logged):
+ * restores stderr, counts into this rank's board slot (warnings) the
+ * soft-timeout warnings that name the slow rank, replays every other line,
+ * and, on the ranks that waited for the slow one, wants a warning naming it
+ * for each of the 6 calls (notify, dispatch, combine, worst-case dispatch, LL
+ * dispatch, LL combine). */
 void epx_fault_r3_end(const epx_fault_seq *sp, int rank, const char *path, int saved);
 
 #define EPX_FAULT_FNV_BASIS 0xcbf29ce484222325ull

@@ -170,8 +170,9 @@ epxResult_t epx_host_wait(epxComm_t comm, uint64_t target, epxOp_t op, uint64_t 
   }
 
   uint64_t seen = atomic_load_explicit(counter_of(&hc->peers[p]), memory_order_relaxed);
-  double waited_ms = (double)(epx_now_ns() - start) / 1e6;
-  if (warned >= 0) epx_note_slow_wait(comm, warned, seq, epx_now_ns() - start, 0);
+  const int64_t waited_ns = epx_now_ns() - start;
+  double waited_ms = (double)waited_ns / 1e6;
+  if (warned >= 0) epx_note_slow_wait(comm, warned, seq, waited_ns, 0);
   /* Name the root cause onwards: the rank we lost, or the one it lost. */
   int culprit = p;
   if (code == epxPeerFailed &&
