@@ -56,6 +56,14 @@ static const epxParamDef param_defs[EPX_PARAM_COUNT] = {
     [EPX_PARAM_CUDA_SEND_SHARE] = {"EPX_CUDA_SEND_SHARE", 1, 50, NULL,
                                    "CUDA normal mode: percent of the data blocks (config.num_sms) "
                                    "that send; the others consume (the same on every rank)"},
+    [EPX_PARAM_CUDA_SEND_ORDER] = {"EPX_CUDA_SEND_ORDER", 1, 0, NULL,
+                                   "CUDA normal mode: which data blocks send: 0 the first ones, "
+                                   "1 the last ones, 2 spread evenly over the launch (the block "
+                                   "scheduler places the first blocks of a launch together)"},
+    [EPX_PARAM_CUDA_DYNAMIC] = {"EPX_CUDA_DYNAMIC", 1, 1, NULL,
+                                "CUDA normal mode: 1 = the send warps claim the tokens (dispatch) "
+                                "or rows (combine) of each chunk from a counter, so faster SMs move "
+                                "more; 0 = fixed round robin"},
     [EPX_PARAM_CUDA_BULK] = {"EPX_CUDA_BULK", 1, 2, NULL,
                              "CUDA normal mode: the send warps move rows as bulk copies (TMA, "
                              "through shared memory) when the rows are 16-byte aligned, in "

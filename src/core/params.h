@@ -27,6 +27,8 @@ typedef enum epxParam {
   EPX_PARAM_CUDA_PDL,             /* int: 1 = op kernels launched as programmatic dependents */
   EPX_PARAM_CUDA_CHUNK_TOKENS,    /* int: CUDA normal mode, source tokens per progress chunk */
   EPX_PARAM_CUDA_SEND_SHARE,      /* int: CUDA normal mode, percent of the data blocks that send */
+  EPX_PARAM_CUDA_SEND_ORDER,      /* int: CUDA normal mode, which data blocks send (0 first, 1 last, 2 spread) */
+  EPX_PARAM_CUDA_DYNAMIC,         /* int: CUDA normal mode, 1 = send warps claim the items of a chunk */
   EPX_PARAM_CUDA_BULK,            /* int: CUDA normal mode, TMA bulk copies: 1 dispatch, 2 combine */
   EPX_PARAM_CUDA_LL_PIECES,       /* int: CUDA low-latency combine, flagged pieces per row */
   EPX_PARAM_CUDA_TRACE_FILE,      /* string: with EPX_CUDA_TRACE, where per-op samples go */

@@ -62,6 +62,8 @@ typedef struct EpxCudaComm {
   EpxHostShared *host_dev;  /* device view */
   int blocks;               /* blocks of the data kernels (>= 2) */
   int send_blocks;          /* of those, the send blocks (EPX_CUDA_SEND_SHARE) */
+  int send_order;           /* which blocks send (EPX_CUDA_SEND_ORDER, EPX_SEND_ORDER_*) */
+  int dynamic;              /* EPX_CUDA_DYNAMIC: send warps claim their items */
   int chunk_tokens;         /* EPX_CUDA_CHUNK_TOKENS: source tokens per progress chunk */
   int ll_pieces;            /* EPX_CUDA_LL_PIECES: flagged pieces of an LL combine row */
   int bulk;                 /* EPX_CUDA_BULK: bulk copies where aligned (1 dispatch, 2 combine) */
@@ -163,6 +165,8 @@ static EpxDevCtx make_ctx(epxComm_t comm) {
   c.trace = cc->trace;
   c.pdl = cc->pdl;
   c.send_blocks = cc->send_blocks;
+  c.send_order = cc->send_order;
+  c.dynamic = cc->dynamic;
   return c;
 }
 
@@ -639,6 +643,12 @@ static epxResult_t cuda_init(epxComm_t comm, struct epxBootstrap *boot) {
       if (cc->send_blocks < 1) cc->send_blocks = 1;
       if (cc->send_blocks > cc->blocks - 1) cc->send_blocks = cc->blocks - 1;
     }
+    cc->send_order = (int)epx_param_int(EPX_PARAM_CUDA_SEND_ORDER);
+    if (cc->send_order < EPX_SEND_ORDER_FIRST || cc->send_order > EPX_SEND_ORDER_SPREAD) {
+      EPX_WARN(me, "EPX_CUDA_SEND_ORDER=%d is not 0, 1 or 2: using 0", cc->send_order);
+      cc->send_order = EPX_SEND_ORDER_FIRST;
+    }
+    cc->dynamic = epx_param_int(EPX_PARAM_CUDA_DYNAMIC) != 0;
     cc->chunk_tokens = chunk_tokens_param(R);
     cc->ll_pieces = (int)epx_param_int(EPX_PARAM_CUDA_LL_PIECES);
     if (cc->ll_pieces < 1 || cc->ll_pieces > EPX_LL_COMBINE_PIECES) {

@@ -125,6 +125,7 @@ typedef struct EpxRegionLayout {
   size_t hello_off, hello_stride; /* [2][R] hello slots */
   size_t progress_off;            /* [R source][EPX_CUDA_MAX_BLOCKS] unsigned long long */
   size_t bound_off;               /* [R source][max_chunks] int: rows sent after each chunk */
+  size_t claim_off;               /* [max_chunks] unsigned: items of my chunk claimed (EpxWork) */
   int chunk_tokens, max_chunks;   /* source tokens per chunk; chunks of max_tokens */
   size_t payload_off, payload_stride;
   size_t scales_off, scales_stride;
@@ -160,6 +161,8 @@ static inline __host__ __device__ EpxRegionLayout epx_cuda_region_layout(int nra
   off = l.progress_off + sizeof(unsigned long long) * (size_t)nranks * EPX_CUDA_MAX_BLOCKS;
   l.bound_off = epx_cuda_align(off, 128);
   off = l.bound_off + sizeof(int) * (size_t)nranks * (size_t)(l.max_chunks > 0 ? l.max_chunks : 1);
+  l.claim_off = epx_cuda_align(off, 128);
+  off = l.claim_off + sizeof(unsigned) * (size_t)(l.max_chunks > 0 ? l.max_chunks : 1);
   l.payload_off = epx_cuda_align(off, 256);
   l.payload_stride = epx_cuda_align(epx_payload_row_bytes(hidden, 0), EPX_ROW_ALIGN_BYTES);
   off = l.payload_off + l.payload_stride * (size_t)l.rows;
@@ -410,9 +413,12 @@ typedef struct EpxDevCtx {
   int trace; /* EPX_CUDA_TRACE: 0 off, 1 on, 2 on and the launch is a fused LL kernel */
   unsigned int trace_op; /* trace == 2: this op's number among the fused ops of its kind */
   int pdl;   /* EPX_CUDA_PDL: launch the op kernels as programmatic dependents */
-  /* Normal-mode data kernels: blocks [0, send_blocks) send, the others
-   * consume (copy out / reduce) chunk by chunk as the progress words allow. */
+  /* Normal-mode data kernels: send_blocks of the blocks send, the others
+   * consume (copy out / reduce) chunk by chunk as the progress words allow;
+   * which blocks send: send_order (epx_normal_role). */
   int send_blocks;
+  int send_order;
+  int dynamic; /* EPX_CUDA_DYNAMIC: send warps claim the items of a chunk (EpxWork) */
   /* Liveness words, host memory mapped for the device: rank r's at
    * live[r * EPX_LIVE_SLOT_WORDS], nonzero once r will not arrive any more
    * (aborted, destroyed, failed, or its process gone). NULL: none, waits on a
@@ -491,6 +497,81 @@ static __device__ __forceinline__ void epx_trace(const EpxDevCtx &c, int op, int
   c.state->trace_sum[epx_trace_kind(c, op)][point] += now > base ? now - base : 0ull;
 }
 
+/* Which blocks of a normal-mode data kernel send (EPX_CUDA_SEND_ORDER). The
+ * block scheduler does not spread blocks [0, S) evenly: on H200 the first
+ * seven blocks of a launch landed on SMs 125-131 and sent ~30 % slower than
+ * blocks on other SMs (per-block finish times, EP4), so the choice matters. */
+enum { EPX_SEND_ORDER_FIRST = 0, EPX_SEND_ORDER_LAST = 1, EPX_SEND_ORDER_SPREAD = 2 };
+
+typedef struct EpxNormalRole {
+  int send;  /* 1: a send block; 0: a consume block */
+  int index; /* among the blocks of its role: progress slot, work share */
+} EpxNormalRole;
+
+static __device__ __forceinline__ EpxNormalRole epx_normal_role(const EpxDevCtx &c) {
+  const int b = blockIdx.x, B = gridDim.x, S = c.send_blocks, C = B - S;
+  EpxNormalRole r;
+  if (c.send_order == EPX_SEND_ORDER_LAST) {
+    r.send = b >= C;
+    r.index = r.send ? b - C : b;
+  } else if (c.send_order == EPX_SEND_ORDER_SPREAD) {
+    /* S of every B blocks, evenly: block b sends when floor(b S / B) steps. */
+    const int before = b * S / B, upto = (b + 1) * S / B;
+    r.send = upto > before;
+    r.index = r.send ? before : b - before;
+  } else {
+    r.send = b < S;
+    r.index = r.send ? b : b - S;
+  }
+  return r;
+}
+
+/* The items (tokens, rows) of one chunk that one send warp moves. Fixed
+ * round robin (item gwarp, then every `warps`), or with ctx.dynamic each warp
+ * claims its next item from the chunk's counter in my region, zeroed by the
+ * op's hello: SMs do not send equally fast (per-block finish times at EP4 ran
+ * from 370 to 510 us in one dispatch), so with fixed shares the slowest block
+ * sets the end; claimed items spread by speed. The claim for the next item is
+ * issued before the current one moves and read only after, so its latency
+ * hides behind the copy. Which warp moves an item changes nothing in the
+ * results: every item has a fixed destination. */
+typedef struct EpxWork {
+  unsigned *counter; /* NULL: fixed round robin */
+  int n, step;
+  int cur;           /* the item to move now; >= n: this warp is done */
+  unsigned pending;  /* lane 0: the claim of the item after it */
+} EpxWork;
+
+static __device__ __forceinline__ unsigned epx_work_claim(unsigned *counter) {
+  return threadIdx.x % 32 == 0 ? atomicAdd(counter, 1u) : 0u;
+}
+
+/* Every lane of the warp (warp-uniform results). */
+static __device__ __forceinline__ EpxWork epx_work_begin(const EpxDevCtx &c, int chunk, int n, int gwarp,
+                                                         int warps) {
+  EpxWork w;
+  w.n = n;
+  w.step = warps;
+  w.pending = 0;
+  w.counter = c.dynamic ? (unsigned *)(c.peers[c.rank] + c.lay.claim_off) + chunk : NULL;
+  if (!w.counter) {
+    w.cur = gwarp;
+    return w;
+  }
+  w.cur = (int)__shfl_sync(0xffffffffu, epx_work_claim(w.counter), 0);
+  if (w.cur < n) w.pending = epx_work_claim(w.counter);
+  return w;
+}
+
+static __device__ __forceinline__ void epx_work_next(EpxWork &w) {
+  if (!w.counter) {
+    w.cur += w.step;
+    return;
+  }
+  w.cur = (int)__shfl_sync(0xffffffffu, w.pending, 0);
+  if (w.cur < w.n) w.pending = epx_work_claim(w.counter);
+}
+
 /* End of a normal-mode data kernel block (every thread): with tracing on,
  * the last send block to finish records SEND_SIGNALS and the last consume
  * block RECV_END (the critical path, not just blocks 0 and N). */
@@ -498,7 +579,7 @@ static __device__ void epx_trace_block_done(const EpxDevCtx &c, int op) {
   if (!c.trace) return;
   __syncthreads();
   if (threadIdx.x != 0) return;
-  const int consumer = (int)blockIdx.x >= c.send_blocks;
+  const int consumer = !epx_normal_role(c).send;
   const unsigned int n = consumer ? gridDim.x - c.send_blocks : c.send_blocks;
   __threadfence();
   if (atomicAdd(&c.state->trace_done[consumer], 1u) != n - 1) return;
@@ -660,7 +741,7 @@ static __device__ void epx_post_progress(const EpxDevCtx &c, unsigned long long 
   __syncthreads();
   if ((int)threadIdx.x < c.nranks && (int)threadIdx.x != c.rank) {
     __threadfence_system();
-    epx_st_release_sys(epx_progress(c, c.peers[threadIdx.x], c.rank, blockIdx.x), value);
+    epx_st_release_sys(epx_progress(c, c.peers[threadIdx.x], c.rank, epx_normal_role(c).index), value);
   }
 }
 

@@ -92,7 +92,8 @@ static __device__ void epx_combine_send(const EpxCombineParams &p, const EpxOpSt
   __syncthreads();
   const int chunks = s_chunks;
   const int warps = c.send_blocks * EPX_CUDA_DATA_WARPS;
-  const int gwarp = blockIdx.x * EPX_CUDA_DATA_WARPS + threadIdx.x / 32;
+  const int sb = epx_normal_role(c).index;
+  const int gwarp = sb * EPX_CUDA_DATA_WARPS + threadIdx.x / 32;
   extern __shared__ __align__(128) char s_bulk[];
   __shared__ unsigned long long s_bars[EPX_CUDA_DATA_WARPS];
   EpxBulkWarp bw;
@@ -107,8 +108,8 @@ static __device__ void epx_combine_send(const EpxCombineParams &p, const EpxOpSt
     int most = 0;
     for (int s = 0; s < R; ++s) most = max(most, s_hi[s] - s_lo[s]);
     const int items = (R - 1) * most;
-    for (int i = gwarp; i < items; i += warps) {
-      const int s = (me + 1 + i % (R - 1)) % R, k = i / (R - 1);
+    for (EpxWork w = epx_work_begin(c, ch, items, gwarp, warps); w.cur < w.n; epx_work_next(w)) {
+      const int i = w.cur, s = (me + 1 + i % (R - 1)) % R, k = i / (R - 1);
       if (k < s_hi[s] - s_lo[s]) epx_combine_send_row(p, s_lo[s] + k, s, p.bulk ? &bw : NULL);
     }
     if (p.bulk && threadIdx.x % 32 == 0) epx_bulk_drain();
@@ -117,8 +118,8 @@ static __device__ void epx_combine_send(const EpxCombineParams &p, const EpxOpSt
     if ((int)threadIdx.x < R) s_lo[threadIdx.x] = s_hi[threadIdx.x];
   }
   if (chunks == 0) epx_post_progress(c, epx_progress_value(op.epoch, EPX_PROGRESS_ALL));
-  if (threadIdx.x == 0 && blockIdx.x == 0) epx_trace(c, EPX_OP_COMBINE, EPX_TRACE_SEND_BLOCK0);
-  if (threadIdx.x == 0 && blockIdx.x == c.send_blocks - 1 && c.send_blocks > 1)
+  if (threadIdx.x == 0 && sb == 0) epx_trace(c, EPX_OP_COMBINE, EPX_TRACE_SEND_BLOCK0);
+  if (threadIdx.x == 0 && sb == c.send_blocks - 1 && c.send_blocks > 1)
     epx_trace(c, EPX_OP_COMBINE, EPX_TRACE_SEND_BLOCKN);
 }
 
@@ -280,7 +281,7 @@ static __device__ void epx_combine_reduce_token(const EpxCombineParams &p, int t
 /* Reduce block: the tokens of each chunk, once every peer has sent it. */
 static __device__ void epx_combine_reduce(const EpxCombineParams &p, const EpxOpStart &op) {
   const EpxDevCtx &c = p.ctx;
-  const int rb = blockIdx.x - c.send_blocks;
+  const int rb = epx_normal_role(c).index;
   if (rb == 0 && threadIdx.x == 0) epx_trace(c, EPX_OP_COMBINE, EPX_TRACE_RECV_START);
   if (op.skip) {
     (void)epx_wait_progress(c, ~0ull, epx_progress_value(op.epoch, EPX_PROGRESS_ALL), EPX_OP_COMBINE, p.seq);
@@ -315,8 +316,9 @@ __global__ void __launch_bounds__(EPX_CUDA_DATA_THREADS) epx_combine_kernel(EpxC
   const EpxOpStart op = epx_op_start(p.ctx, p.invalid);
   /* After a fatal failure peers are not waited on and nothing more is posted. */
   if (op.fatal) return;
-  if (threadIdx.x == 0 && blockIdx.x == 0) epx_trace(p.ctx, EPX_OP_COMBINE, EPX_TRACE_SEND_SLOT);
-  if ((int)blockIdx.x < p.ctx.send_blocks) epx_combine_send(p, op);
+  const EpxNormalRole role = epx_normal_role(p.ctx);
+  if (threadIdx.x == 0 && role.send && role.index == 0) epx_trace(p.ctx, EPX_OP_COMBINE, EPX_TRACE_SEND_SLOT);
+  if (role.send) epx_combine_send(p, op);
   else epx_combine_reduce(p, op);
   epx_trace_block_done(p.ctx, EPX_OP_COMBINE);
 }

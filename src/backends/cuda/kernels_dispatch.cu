@@ -156,20 +156,21 @@ static __device__ void epx_dispatch_send(const EpxDispatchParams &p, const EpxOp
   /* Same test as the copy-out's capacity check, on the same matrix. */
   const bool direct =
       !op.skip && p.rank_prefix_matrix[(R - 1) * R + me] <= p.capacity_rows;
-  if (blockIdx.x == 0 && !op.skip && (int)threadIdx.x < R)
+  const int sb = epx_normal_role(c).index;
+  if (sb == 0 && !op.skip && (int)threadIdx.x < R)
     s_rows[threadIdx.x] = me > 0 ? p.rank_prefix_matrix[(me - 1) * R + threadIdx.x] : 0;
   const int warps = c.send_blocks * EPX_CUDA_DATA_WARPS;
-  const int gwarp = blockIdx.x * EPX_CUDA_DATA_WARPS + threadIdx.x / 32;
+  const int gwarp = sb * EPX_CUDA_DATA_WARPS + threadIdx.x / 32;
   extern __shared__ __align__(128) char s_bulk[];
   __shared__ unsigned long long s_bars[EPX_CUDA_DATA_WARPS];
   EpxBulkWarp bw;
   if (p.bulk) bw = epx_bulk_warp_init(s_bars, s_bulk);
   for (int ch = 0; ch < chunks; ++ch) {
     const int end = min(p.num_tokens, (ch + 1) * Tc);
-    for (int t = ch * Tc + gwarp; t < end; t += warps)
-      epx_dispatch_send_token(p, t, direct, p.bulk ? &bw : NULL);
+    for (EpxWork w = epx_work_begin(c, ch, end - ch * Tc, gwarp, warps); w.cur < w.n; epx_work_next(w))
+      epx_dispatch_send_token(p, ch * Tc + w.cur, direct, p.bulk ? &bw : NULL);
     if (p.bulk && threadIdx.x % 32 == 0) epx_bulk_drain();
-    if (blockIdx.x == 0) {
+    if (sb == 0) {
       /* Rows of this chunk per destination: the bound follows in token order. */
       __syncthreads();
       for (int i = ch * Tc * R + (int)threadIdx.x; i < end * R; i += blockDim.x)
@@ -181,8 +182,8 @@ static __device__ void epx_dispatch_send(const EpxDispatchParams &p, const EpxOp
     epx_post_progress(c, epx_progress_value(op.epoch, ch + 1 == chunks ? EPX_PROGRESS_ALL : ch + 1));
   }
   if (chunks == 0) epx_post_progress(c, epx_progress_value(op.epoch, EPX_PROGRESS_ALL));
-  if (threadIdx.x == 0 && blockIdx.x == 0) epx_trace(c, EPX_OP_DISPATCH, EPX_TRACE_SEND_BLOCK0);
-  if (threadIdx.x == 0 && blockIdx.x == c.send_blocks - 1 && c.send_blocks > 1)
+  if (threadIdx.x == 0 && sb == 0) epx_trace(c, EPX_OP_DISPATCH, EPX_TRACE_SEND_BLOCK0);
+  if (threadIdx.x == 0 && sb == c.send_blocks - 1 && c.send_blocks > 1)
     epx_trace(c, EPX_OP_DISPATCH, EPX_TRACE_SEND_BLOCKN);
 }
 
@@ -235,7 +236,7 @@ static __device__ void epx_dispatch_recv_row(const EpxDispatchParams &p, int row
 static __device__ void epx_dispatch_copy_out(const EpxDispatchParams &p, const EpxOpStart &op) {
   const EpxDevCtx &c = p.ctx;
   const int R = c.nranks, me = c.rank, lane = threadIdx.x % 32;
-  const int cb = blockIdx.x - c.send_blocks;
+  const int cb = epx_normal_role(c).index;
   if (cb == 0 && threadIdx.x == 0) epx_trace(c, EPX_OP_DISPATCH, EPX_TRACE_RECV_START);
   const unsigned long long all_sent = epx_progress_value(op.epoch, EPX_PROGRESS_ALL);
   /* A failed call (invalid arguments somewhere, mismatch) writes no output. */
@@ -327,8 +328,9 @@ __global__ void __launch_bounds__(EPX_CUDA_DATA_THREADS) epx_dispatch_kernel(Epx
   const EpxOpStart op = epx_op_start(p.ctx, p.invalid);
   /* After a fatal failure peers are not waited on and nothing more is posted. */
   if (op.fatal) return;
-  if (threadIdx.x == 0 && blockIdx.x == 0) epx_trace(p.ctx, EPX_OP_DISPATCH, EPX_TRACE_SEND_SLOT);
-  if ((int)blockIdx.x < p.ctx.send_blocks) epx_dispatch_send(p, op);
+  const EpxNormalRole role = epx_normal_role(p.ctx);
+  if (threadIdx.x == 0 && role.send && role.index == 0) epx_trace(p.ctx, EPX_OP_DISPATCH, EPX_TRACE_SEND_SLOT);
+  if (role.send) epx_dispatch_send(p, op);
   else epx_dispatch_copy_out(p, op);
   epx_trace_block_done(p.ctx, EPX_OP_DISPATCH);
 }

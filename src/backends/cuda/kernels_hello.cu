@@ -3,8 +3,8 @@
  * check and, in the counted path (epxDispatchNotify, or epxDispatch with
  * num_worst_tokens), the count exchange that fills the handle.
  *
- * One block. Pass 1 reads topk_idx once: it checks every id against [-1, E),
- * and (counted) marks is_token_in_rank, gives each (token, rank) its position
+ * One block. Pass 1 reads topk_idx once: it checks every id against [-1, E)
+ * (cached path: that only, all threads over the flat array), and (counted) marks is_token_in_rank, gives each (token, rank) its position
  * among this rank's tokens for that rank, and counts tokens per expert (once
  * per token). Warps own contiguous token ranges so positions keep token order.
  * Then every rank posts its hello to every peer and waits for all of them;
@@ -46,36 +46,73 @@ static __device__ int epx_hello_compare(const EpxHelloParams &p, const EpxHello 
   return 0;
 }
 
-/* Pass 1 over this warp's tokens. */
+/* Ids loaded at once per lane before they are used: the loads of a batch
+ * overlap instead of each token waiting for its own. */
+#define EPX_HELLO_ID_BATCH 8
+
+/* A bad id (outside [-1, E)) is recorded once and fails the call. */
+static __device__ __forceinline__ bool epx_hello_id_ok(long long id, int num_experts, int t, int *s_bad,
+                                                       long long *s_bad_id, int *s_bad_token) {
+  if (id >= -1 && id < num_experts) return true;
+  if (atomicExch(s_bad, 1) == 0) {
+    *s_bad_id = id;
+    *s_bad_token = t;
+  }
+  return false;
+}
+
+/* Pass 1 over this warp's tokens (counted path). */
 static __device__ void epx_hello_scan_tokens(const EpxHelloParams &p, int t0, int t1, int *s_wcnt_row,
                                              int *s_expert, int *s_bad, long long *s_bad_id,
                                              int *s_bad_token) {
   const EpxDevCtx &c = p.ctx;
   const int R = c.nranks, lane = threadIdx.x % 32;
-  for (int t = t0; t < t1; ++t) {
-    long long id = -1;
-    if (lane < p.topk) id = epx_topk_get(p.topk_idx, p.topk_is_int64, t, p.topk, lane);
-    if (id < -1 || id >= c.num_experts) {
+  for (int tb = t0; tb < t1; tb += EPX_HELLO_ID_BATCH) {
+    long long ids[EPX_HELLO_ID_BATCH];
+#pragma unroll
+    for (int u = 0; u < EPX_HELLO_ID_BATCH; ++u)
+      ids[u] = lane < p.topk && tb + u < t1 ? epx_topk_get(p.topk_idx, p.topk_is_int64, tb + u, p.topk, lane) : -1;
+#pragma unroll
+    for (int u = 0; u < EPX_HELLO_ID_BATCH; ++u) {
+      const int t = tb + u;
+      if (t >= t1) break; /* warp-uniform */
+      long long id = ids[u];
       /* Never let a bad id steer a write: count it as "no expert" and fail the call. */
-      if (atomicExch(s_bad, 1) == 0) {
-        *s_bad_id = id;
-        *s_bad_token = t;
+      if (!epx_hello_id_ok(id, c.num_experts, t, s_bad, s_bad_id, s_bad_token)) id = -1;
+      int dst = id >= 0 ? epx_expert_rank(id, c.num_local_experts) : -1;
+      for (int r = lane; r < R; r += 32) p.scratch_pos[(size_t)t * R + r] = -1;
+      __syncwarp(); /* orders the clears above before the leaders' writes below */
+      unsigned same_rank = __match_any_sync(0xffffffffu, dst);
+      if (dst >= 0 && __ffs(same_rank) - 1 == lane) {
+        /* One leader per destination rank: a token goes to a rank once. The
+         * position is this warp's running count (warp-private row, distinct dst). */
+        p.scratch_pos[(size_t)t * R + dst] = s_wcnt_row[dst]++;
       }
-      id = -1;
+      unsigned same_expert = __match_any_sync(0xffffffffu, id);
+      if (id >= 0 && __ffs(same_expert) - 1 == lane) atomicAdd(&s_expert[id], 1);
+      __syncwarp();
     }
-    if (!p.counted) continue;
-    int dst = id >= 0 ? epx_expert_rank(id, c.num_local_experts) : -1;
-    for (int r = lane; r < R; r += 32) p.scratch_pos[(size_t)t * R + r] = -1;
-    __syncwarp(); /* orders the clears above before the leaders' writes below */
-    unsigned same_rank = __match_any_sync(0xffffffffu, dst);
-    if (dst >= 0 && __ffs(same_rank) - 1 == lane) {
-      /* One leader per destination rank: a token goes to a rank once. The
-       * position is this warp's running count (warp-private row, distinct dst). */
-      p.scratch_pos[(size_t)t * R + dst] = s_wcnt_row[dst]++;
+  }
+}
+
+/* Pass 1 of the cached path: only the id check, over the flat [T, K] array
+ * with every thread of the block (a cached re-dispatch spent ~19 us of its
+ * time here at T=4096 with the per-warp token walk). */
+static __device__ void epx_hello_check_ids(const EpxHelloParams &p, int T, int *s_bad, long long *s_bad_id,
+                                           int *s_bad_token) {
+  const long long n = (long long)T * p.topk;
+  const int K = p.topk;
+  for (long long i0 = threadIdx.x; i0 < n; i0 += (long long)blockDim.x * EPX_HELLO_ID_BATCH) {
+    long long ids[EPX_HELLO_ID_BATCH];
+#pragma unroll
+    for (int u = 0; u < EPX_HELLO_ID_BATCH; ++u) {
+      const long long i = i0 + (long long)u * blockDim.x;
+      ids[u] = i < n ? epx_topk_get(p.topk_idx, p.topk_is_int64, i / K, K, (int)(i % K)) : -1;
     }
-    unsigned same_expert = __match_any_sync(0xffffffffu, id);
-    if (id >= 0 && __ffs(same_expert) - 1 == lane) atomicAdd(&s_expert[id], 1);
-    __syncwarp();
+#pragma unroll
+    for (int u = 0; u < EPX_HELLO_ID_BATCH; ++u)
+      (void)epx_hello_id_ok(ids[u], p.ctx.num_experts, (int)((i0 + (long long)u * blockDim.x) / K), s_bad,
+                            s_bad_id, s_bad_token);
   }
 }
 
@@ -113,6 +150,12 @@ __global__ void __launch_bounds__(EPX_CUDA_HELLO_THREADS, 1) epx_hello_kernel(Ep
     s_bad_id = 0;
     s_bad_token = -1;
   }
+  /* The chunk claim counters of this op's data kernel (EpxWork), which reads
+   * them only after this kernel completed (stream order or the PDL wait). */
+  if (p.op == EPX_OP_DISPATCH || p.op == EPX_OP_COMBINE) {
+    unsigned *claims = (unsigned *)(c.peers[me] + c.lay.claim_off);
+    for (int i = threadIdx.x; i < c.lay.max_chunks; i += blockDim.x) claims[i] = 0u;
+  }
   size_t smem_ints = epx_cuda_hello_smem_bytes(R, c.num_experts) / sizeof(int);
   for (size_t i = threadIdx.x; i < smem_ints; i += blockDim.x) smem[i] = 0;
   __syncthreads();
@@ -124,7 +167,8 @@ __global__ void __launch_bounds__(EPX_CUDA_HELLO_THREADS, 1) epx_hello_kernel(Ep
   const int chunk = (T + EPX_HELLO_WARPS - 1) / EPX_HELLO_WARPS;
   if (!(p.flags & EPX_HELLO_INVALID) && T > 0) {
     int t0 = warp * chunk, t1 = min(T, t0 + chunk);
-    epx_hello_scan_tokens(p, t0, t1, s_wcnt + warp * R, s_expert, &s_bad, &s_bad_id, &s_bad_token);
+    if (p.counted) epx_hello_scan_tokens(p, t0, t1, s_wcnt + warp * R, s_expert, &s_bad, &s_bad_id, &s_bad_token);
+    else epx_hello_check_ids(p, T, &s_bad, &s_bad_id, &s_bad_token);
   }
   __syncthreads();
   if ((int)threadIdx.x < R) {
