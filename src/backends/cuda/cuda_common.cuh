@@ -498,7 +498,7 @@ static __device__ __forceinline__ void epx_trace(const EpxDevCtx &c, int op, int
 }
 
 /* Which blocks of a normal-mode data kernel send (EPX_CUDA_SEND_ORDER). The
- * block scheduler does not spread blocks [0, S) evenly: on H200 the first
+ * block scheduler does not spread the first blocks of a launch evenly: on H200 the first
  * seven blocks of a launch landed on SMs 125-131 and sent ~30 % slower than
  * blocks on other SMs (per-block finish times, EP4), so the choice matters. */
 enum { EPX_SEND_ORDER_FIRST = 0, EPX_SEND_ORDER_LAST = 1, EPX_SEND_ORDER_SPREAD = 2 };
@@ -702,10 +702,12 @@ static __device__ __forceinline__ EpxHello *epx_hello_slot(const EpxDevCtx &c, c
 
 /* ---- chunk progress (normal-mode data kernels) ----
  *
- * A normal-mode dispatch or combine is one launch: blocks [0, S) send, blocks
- * [S, B) consume (copy out, or reduce) while the send goes on. Senders walk
- * their rows in chunks of lay.chunk_tokens source tokens, in order. After its
- * share of chunk c, send block b release-stores progress[me][b] =
+ * A normal-mode dispatch or combine is one launch: S blocks send, the other
+ * B - S consume (copy out, or reduce) while the send goes on (which blocks:
+ * epx_normal_role; b below is a block's index among the senders). Senders walk
+ * their rows in chunks of lay.chunk_tokens source tokens, in order, each warp
+ * claiming items of the current chunk (EpxWork). After its share of chunk c,
+ * send block b release-stores progress[me][b] =
  * epoch << 24 | (c + 1) into every peer's region, and after its last chunk
  * epoch << 24 | EPX_PROGRESS_ALL. A consumer that acquired, for every send
  * block b of src, progress[src][b] >= epoch << 24 | (c + 1) sees every row of

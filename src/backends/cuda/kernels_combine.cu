@@ -3,14 +3,14 @@
  * blocks and reduce blocks run at once (see "chunk progress" in
  * cuda_common.cuh).
  *
- * Send (blocks [0, S)): the expert-side rank writes each received row of a
- * remote source (one warp per row) into the source's region at slot
+ * Send (S blocks, epx_normal_role): the expert-side rank writes each
+ * received row of a remote source (one warp per row, claimed: EpxWork) into the source's region at slot
  * (source token * R + me): writes, not reads, cross NVLink. Rows go in chunks
  * of source tokens; inside a chunk the rows of the R - 1 remote sources are
  * interleaved, starting with rank me + 1, so every rank writes to every peer
  * at once: taking the rows in receive order (source 0 first) made all ranks
  * write into one peer at a time, capped by that peer's NVLink ingress.
- * Reduce (blocks [S, B)): once every peer's send blocks have passed a chunk,
+ * Reduce (the other blocks): once every peer's send blocks have passed a chunk,
  * the source rank sums, per token of that chunk, the slots of the ranks that
  * received it, in the canonical order (nodes ascending, ranks ascending inside
  * a node; FP32 with one rounding per add), adds the biases and rounds to BF16

@@ -3,16 +3,17 @@
  * blocks and copy-out blocks run at once (see "chunk progress" in
  * cuda_common.cuh).
  *
- * Send (blocks [0, S)): one warp per token, tokens in chunks of
- * lay.chunk_tokens. The row is read once from x in rounds of 16-byte vectors
- * and each round is stored to every destination rank, straight into the
- * token's final receive row in that rank's region (the row comes from the
- * handle's send_row, made by the count exchange). One NVLink write per
- * (token, destination rank); no atomics on the data path. Metadata (source
- * token, local top-k ids, weights, FP8 scales) travel in parallel arrays.
- * After each chunk, block 0 also writes into every destination how many rows
+ * Send (S blocks, epx_normal_role): one warp per token, tokens in chunks of
+ * lay.chunk_tokens, each warp claiming its next token of the chunk (EpxWork).
+ * The row is read once from x in rounds of 16-byte vectors and each round is
+ * stored to every destination rank, straight into the token's final receive
+ * row in that rank's region (the row comes from the handle's send_row, made
+ * by the count exchange). One NVLink write per (token, destination rank); no
+ * atomics on the data path but the one local claim per token. Metadata
+ * (source token, local top-k ids, weights, FP8 scales) travel in parallel
+ * arrays. After each chunk, send block 0 also writes into every destination how many rows
  * it has sent there so far (the chunk's row bound), before its progress word.
- * Copy-out (blocks [S, B)): as the chunks of each source arrive, their rows
+ * Copy-out (the other blocks): as the chunks of each source arrive, their rows
  * (up to the bound) are copied from the region into the caller's outputs
  * (HBM to HBM) while later chunks are still in flight; padding rows are
  * marked in worst-case mode.

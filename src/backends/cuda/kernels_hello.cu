@@ -4,9 +4,10 @@
  * num_worst_tokens), the count exchange that fills the handle.
  *
  * One block. Pass 1 reads topk_idx once: it checks every id against [-1, E)
- * (cached path: that only, all threads over the flat array), and (counted) marks is_token_in_rank, gives each (token, rank) its position
+ * (the cached path does only that, with every thread over the flat array),
+ * and (counted) marks is_token_in_rank, gives each (token, rank) its position
  * among this rank's tokens for that rank, and counts tokens per expert (once
- * per token). Warps own contiguous token ranges so positions keep token order.
+ * per token). It also zeroes the data kernel's chunk claim counters. Warps own contiguous token ranges so positions keep token order.
  * Then every rank posts its hello to every peer and waits for all of them;
  * the gathered counts give the R x R rank-prefix matrix, so each sender knows
  * the final receive row of each of its tokens with no further exchange.
