@@ -757,3 +757,40 @@ void epx_test_random_plan(int default_count, uint64_t default_seed, int *count, 
   *count = n && *n ? atoi(n) : default_count;
   *seed = sd && *sd ? strtoull(sd, NULL, 0) : default_seed;
 }
+
+int epx_test_suite_main(const epx_test_suite *suite, int argc, char **argv) {
+  int ran = 0, want_random = argc == 1;
+  for (int a = 1; a < argc; ++a) want_random |= strcmp(argv[a], "random") == 0;
+  for (int i = 0; i < suite->fixed_count; ++i) {
+    const void *c = suite->fixed(i);
+    if (!epx_test_case_wanted(argc, argv, suite->name_of(c))) continue;
+    if (suite->run(c)) return 1;
+    ++ran;
+  }
+  if (want_random) {
+    int n;
+    uint64_t base;
+    epx_test_random_plan(suite->random_count, suite->random_seed, &n, &base);
+    void *c = malloc(suite->case_bytes);
+    if (!c) {
+      printf("FAIL cannot allocate a random case\n");
+      return 1;
+    }
+    for (int i = 0; i < n; ++i) {
+      char name[160];
+      suite->random(base + (uint64_t)i, c, name, sizeof name);
+      if (suite->run(c)) {
+        free(c);
+        return 1;
+      }
+      ++ran;
+    }
+    free(c);
+  }
+  if (ran == 0) {
+    printf("FAIL no case matched\n");
+    return 1;
+  }
+  printf("%s: %d cases passed\n", suite->binary, ran);
+  return 0;
+}

@@ -226,4 +226,24 @@ int epx_test_run_case(const char *name, uint64_t seed, int nranks, epx_test_rank
  * EPX_TEST_SEED when set, else the defaults. */
 void epx_test_random_plan(int default_count, uint64_t default_seed, int *count, uint64_t *seed);
 
+/* A test binary of fixed cases plus seeded random ones (test_normal,
+ * test_low_latency). With no arguments it runs every fixed case, then the
+ * random ones (epx_test_random_plan); otherwise the named fixed cases, and
+ * the random ones when "random" is among the arguments. Stops at the first
+ * failure. */
+typedef struct epx_test_suite {
+  const char *binary;       /* named in the summary line */
+  int fixed_count;
+  const void *(*fixed)(int i);            /* fixed case i */
+  const char *(*name_of)(const void *c);  /* a case's name (case selection) */
+  int (*run)(const void *c);              /* 0 = passed */
+  /* Fills the case_bytes at c and its name (for name_len bytes) from a seed. */
+  void (*random)(uint64_t seed, void *c, char *name, size_t name_len);
+  size_t case_bytes;
+  int random_count;         /* defaults for epx_test_random_plan */
+  uint64_t random_seed;
+} epx_test_suite;
+/* Returns the exit status for main. */
+int epx_test_suite_main(const epx_test_suite *suite, int argc, char **argv);
+
 #endif /* EPX_TESTS_HARNESS_H */

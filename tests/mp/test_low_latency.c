@@ -345,36 +345,20 @@ static void random_case(uint64_t seed, lcase *c, char *name, size_t name_len) {
   c->name = name;
 }
 
-static int run_case(const lcase *c) {
-  return epx_test_run_case(c->name, c->seed, c->R, run_rank, (void *)c, SPAWN_TIMEOUT_S) != 0;
+static int run_case(const void *c) {
+  const lcase *k = (const lcase *)c;
+  return epx_test_run_case(k->name, k->seed, k->R, run_rank, (void *)k, SPAWN_TIMEOUT_S) != 0;
+}
+
+static const void *fixed_case(int i) { return &cases[i]; }
+static const char *case_name(const void *c) { return ((const lcase *)c)->name; }
+static void random_case_into(uint64_t seed, void *c, char *name, size_t name_len) {
+  random_case(seed, (lcase *)c, name, name_len);
 }
 
 int main(int argc, char **argv) {
-  int ncases = (int)(sizeof cases / sizeof cases[0]), ran = 0;
-  int want_random = argc == 1;
-  for (int a = 1; a < argc; ++a) want_random |= strcmp(argv[a], "random") == 0;
-  for (int i = 0; i < ncases; ++i) {
-    const lcase *c = &cases[i];
-    if (!epx_test_case_wanted(argc, argv, c->name)) continue;
-    if (run_case(c)) return 1;
-    ++ran;
-  }
-  if (want_random) {
-    int n;
-    uint64_t base;
-    epx_test_random_plan(DEFAULT_RANDOM_CASES, DEFAULT_RANDOM_SEED, &n, &base);
-    for (int i = 0; i < n; ++i) {
-      lcase c;
-      char name[160];
-      random_case(base + (uint64_t)i, &c, name, sizeof name);
-      if (run_case(&c)) return 1;
-      ++ran;
-    }
-  }
-  if (ran == 0) {
-    printf("FAIL no case matched\n");
-    return 1;
-  }
-  printf("test_low_latency: %d cases passed\n", ran);
-  return 0;
+  const epx_test_suite suite = {"test_low_latency", (int)(sizeof cases / sizeof cases[0]), fixed_case, case_name,
+                                run_case, random_case_into, sizeof(lcase), DEFAULT_RANDOM_CASES,
+                                DEFAULT_RANDOM_SEED};
+  return epx_test_suite_main(&suite, argc, argv);
 }
