@@ -175,25 +175,6 @@ EPX_API epxResult_t epxGetSizeHints(const epxConfig_t *config, int nranks, epxSi
 
 /* ---- init agreement ---- */
 
-/* What every rank sends before any memory is exchanged (reliability.md item 5). */
-typedef struct epxAgreement {
-  uint32_t magic;
-  int32_t protocol_version;
-  int32_t library_version;
-  int32_t rank;
-  int32_t nranks;
-  int32_t backend;
-  int32_t ranks_per_node;
-  int32_t num_experts;
-  int32_t hidden;
-  int32_t max_topk;
-  int32_t max_tokens_per_rank;
-  int32_t ll_max_tokens_per_rank;
-  int32_t pid;
-  uint64_t uid_proposal;
-  char hostname[64];
-} epxAgreement;
-
 #define EPX_AGREEMENT_MAGIC 0x45505841u /* "EPXA" */
 
 typedef struct agreed_field {

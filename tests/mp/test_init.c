@@ -2,7 +2,7 @@
  * test_init.c - communicator set-up on the host backend: init and info for
  * 1..8 ranks, the caller-supplied all-gather, static queries, invalid
  * configs, a rank that never arrives (R10), settings that differ between
- * ranks (R7), a duplicate rank, and a fresh init after a failed one.
+ * ranks (R7: settings and versions), a duplicate rank, and a fresh init after a failed one.
  *
  *   test_init            run every case
  *   test_init NAME...    run the named cases
@@ -18,6 +18,7 @@
 #include "common/harness.h"
 #include "common/layout_math.h"
 #include "common/world.h"
+#include "core/comm.h" /* epxAgreement: the versions test changes one field in transit */
 
 #define SPAWN_TIMEOUT_S 60
 /* The deadline given to init when a rank is missing, and the slack allowed
@@ -438,6 +439,83 @@ static int init_info_4_two_nodes(void) { return spawn_info(4, 2); }
 static int init_info_8_eight_nodes(void) { return spawn_info(8, 1); }
 static int init_info_8(void) { return spawn_info(8, 0); }
 
+/* R7, versions: a rank built from another release. The all-gather hands
+ * every rank the same agreement table with one int32 field of rank 2's record
+ * (its library or protocol version) one higher, as that rank would have sent
+ * it; init must fail on every rank with epxMismatch naming the field, within
+ * 2 s, and leave no communicator. */
+typedef struct version_case {
+  shm_gather *g;
+  size_t offset; /* of the field in epxAgreement */
+  const char *name;
+} version_case;
+
+typedef struct version_user {
+  gather_user gu;
+  size_t offset;
+} version_user;
+
+static int version_bumping_allgather(void *user, const void *send, void *recv, size_t bytes) {
+  version_user *v = user;
+  const int first = v->gu.calls == 0; /* init's first all-gather is the agreement */
+  int rc = shm_allgather(&v->gu, send, recv, bytes);
+  if (rc == 0 && first && bytes == sizeof(epxAgreement) && v->gu.g->nranks > 2) {
+    char *at = (char *)recv + 2 * bytes + v->offset;
+    int32_t x;
+    memcpy(&x, at, sizeof x);
+    x += 1;
+    memcpy(at, &x, sizeof x);
+  }
+  return rc;
+}
+
+static int rank_version_mismatch(int rank, int nranks, const epxUniqueId *id, void *arg) {
+  (void)id;
+  const version_case *vc = arg;
+  version_user u = {{vc->g, rank, 0}, vc->offset};
+  epxConfig_t cfg = base_config();
+  cfg.num_experts = 8 * nranks;
+  epxComm_t comm = NULL;
+  double t0 = epx_test_now();
+  epxResult_t r = epxCommInitRankWithAllGather(&comm, nranks, rank, version_bumping_allgather, &u, &cfg);
+  double dt = epx_test_now() - t0;
+  const char *m = epxCommGetLastError(NULL);
+  if (r != epxMismatch || comm != NULL) {
+    fprintf(stderr, "  rank %d: init with rank 2's %s one higher returned %s (%s), expected epxMismatch\n",
+            rank, vc->name, epxGetErrorString(r), m);
+    if (comm) epxCommDestroy(comm);
+    return 1;
+  }
+  if (!strstr(m, vc->name) || !strstr(m, "rank 2")) {
+    fprintf(stderr, "  rank %d: mismatch message \"%s\" does not name '%s' and rank 2\n", rank, m,
+            vc->name);
+    return 1;
+  }
+  if (dt > 2.0) {
+    fprintf(stderr, "  rank %d: the version mismatch took %.2f s to report\n", rank, dt);
+    return 1;
+  }
+  return 0;
+}
+
+static int version_mismatch(size_t offset, const char *name) {
+  shm_gather *g = mmap(NULL, sizeof(shm_gather), PROT_READ | PROT_WRITE,
+                       MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  if (g == MAP_FAILED) return 1;
+  atomic_init(&g->arrived, 0);
+  g->nranks = 3;
+  version_case vc = {g, offset, name};
+  int rc = epx_test_spawn(3, rank_version_mismatch, &vc, SPAWN_TIMEOUT_S);
+  munmap(g, sizeof(shm_gather));
+  return rc;
+}
+static int mismatch_library_version(void) {
+  return version_mismatch(offsetof(epxAgreement, library_version), "library_version");
+}
+static int mismatch_protocol_version(void) {
+  return version_mismatch(offsetof(epxAgreement, protocol_version), "protocol_version");
+}
+
 static int allgather_init_4(void) {
   shm_gather *g = mmap(NULL, sizeof(shm_gather), PROT_READ | PROT_WRITE,
                        MAP_SHARED | MAP_ANONYMOUS, -1, 0);
@@ -494,6 +572,8 @@ static const named cases[] = {
     {"mismatch_ll_max_tokens_per_rank", mismatch_ll_max_tokens},
     {"mismatch_max_topk", mismatch_max_topk},
     {"mismatch_ranks_per_node", mismatch_ranks_per_node},
+    {"mismatch_library_version", mismatch_library_version},
+    {"mismatch_protocol_version", mismatch_protocol_version},
     {"duplicate_rank_rejected", duplicate_rank},
     {"fresh_init_after_failures", fresh_init_after_failures},
 };
