@@ -1,8 +1,9 @@
 /*
  * test_init.c - communicator set-up on the host backend: init and info for
  * 1..8 ranks, the caller-supplied all-gather, static queries, invalid
- * configs, a rank that never arrives (R10), settings that differ between
- * ranks (R7: settings and versions), a duplicate rank, and a fresh init after a failed one.
+ * configs, a rank that never arrives (R10), settings and versions that
+ * differ between ranks (R7), a duplicate rank, and a fresh init after a
+ * failed one.
  *
  *   test_init            run every case
  *   test_init NAME...    run the named cases
