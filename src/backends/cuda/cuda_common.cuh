@@ -498,9 +498,9 @@ static __device__ __forceinline__ void epx_trace(const EpxDevCtx &c, int op, int
 }
 
 /* Which blocks of a normal-mode data kernel send (EPX_CUDA_SEND_ORDER). The
- * block scheduler does not spread the first blocks of a launch evenly: on H200 the first
- * seven blocks of a launch landed on SMs 125-131 and sent ~30 % slower than
- * blocks on other SMs (per-block finish times, EP4), so the choice matters. */
+ * block scheduler does not spread the first blocks of a launch evenly: on
+ * H200 the first seven blocks of a launch landed on SMs 125-131 and sent ~30 %
+ * slower than blocks on other SMs (per-block finish times, EP4). */
 enum { EPX_SEND_ORDER_FIRST = 0, EPX_SEND_ORDER_LAST = 1, EPX_SEND_ORDER_SPREAD = 2 };
 
 typedef struct EpxNormalRole {
@@ -542,6 +542,11 @@ typedef struct EpxWork {
   unsigned pending;  /* lane 0: the claim of the item after it */
 } EpxWork;
 
+/* My region's claim counters, one per chunk (zeroed by each op's hello). */
+static __device__ __forceinline__ unsigned *epx_work_counters(const EpxDevCtx &c) {
+  return (unsigned *)(c.peers[c.rank] + c.lay.claim_off);
+}
+
 static __device__ __forceinline__ unsigned epx_work_claim(unsigned *counter) {
   return threadIdx.x % 32 == 0 ? atomicAdd(counter, 1u) : 0u;
 }
@@ -553,7 +558,7 @@ static __device__ __forceinline__ EpxWork epx_work_begin(const EpxDevCtx &c, int
   w.n = n;
   w.step = warps;
   w.pending = 0;
-  w.counter = c.dynamic ? (unsigned *)(c.peers[c.rank] + c.lay.claim_off) + chunk : NULL;
+  w.counter = c.dynamic ? epx_work_counters(c) + chunk : NULL;
   if (!w.counter) {
     w.cur = gwarp;
     return w;

@@ -4,8 +4,9 @@
  * cuda_common.cuh).
  *
  * Send (S blocks, epx_normal_role): the expert-side rank writes each
- * received row of a remote source (one warp per row, claimed: EpxWork) into the source's region at slot
- * (source token * R + me): writes, not reads, cross NVLink. Rows go in chunks
+ * received row of a remote source (one warp per row, claimed: EpxWork) into
+ * the source's region at slot (source token * R + me): writes, not reads,
+ * cross NVLink. Rows go in chunks
  * of source tokens; inside a chunk the rows of the R - 1 remote sources are
  * interleaved, starting with rank me + 1, so every rank writes to every peer
  * at once: taking the rows in receive order (source 0 first) made all ranks

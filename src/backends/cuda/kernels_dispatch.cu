@@ -11,8 +11,9 @@
  * by the count exchange). One NVLink write per (token, destination rank); no
  * atomics on the data path but the one local claim per token. Metadata
  * (source token, local top-k ids, weights, FP8 scales) travel in parallel
- * arrays. After each chunk, send block 0 also writes into every destination how many rows
- * it has sent there so far (the chunk's row bound), before its progress word.
+ * arrays. After each chunk, send block 0 also writes into every destination
+ * how many rows it has sent there so far (the chunk's row bound), before its
+ * progress word.
  * Copy-out (the other blocks): as the chunks of each source arrive, their rows
  * (up to the bound) are copied from the region into the caller's outputs
  * (HBM to HBM) while later chunks are still in flight; padding rows are

@@ -7,7 +7,8 @@
  * (the cached path does only that, with every thread over the flat array),
  * and (counted) marks is_token_in_rank, gives each (token, rank) its position
  * among this rank's tokens for that rank, and counts tokens per expert (once
- * per token). It also zeroes the data kernel's chunk claim counters. Warps own contiguous token ranges so positions keep token order.
+ * per token). Warps own contiguous token ranges so positions keep token
+ * order. The kernel also zeroes the data kernel's chunk claim counters.
  * Then every rank posts its hello to every peer and waits for all of them;
  * the gathered counts give the R x R rank-prefix matrix, so each sender knows
  * the final receive row of each of its tokens with no further exchange.
@@ -154,7 +155,7 @@ __global__ void __launch_bounds__(EPX_CUDA_HELLO_THREADS, 1) epx_hello_kernel(Ep
   /* The chunk claim counters of this op's data kernel (EpxWork), which reads
    * them only after this kernel completed (stream order or the PDL wait). */
   if (p.op == EPX_OP_DISPATCH || p.op == EPX_OP_COMBINE) {
-    unsigned *claims = (unsigned *)(c.peers[me] + c.lay.claim_off);
+    unsigned *claims = epx_work_counters(c);
     for (int i = threadIdx.x; i < c.lay.max_chunks; i += blockDim.x) claims[i] = 0u;
   }
   size_t smem_ints = epx_cuda_hello_smem_bytes(R, c.num_experts) / sizeof(int);
