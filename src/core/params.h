@@ -26,6 +26,7 @@ typedef enum epxParam {
   EPX_PARAM_CUDA_TRACE,           /* int: 1 = time the phases of LL ops, print at destroy */
   EPX_PARAM_CUDA_PDL,             /* int: 1 = op kernels launched as programmatic dependents */
   EPX_PARAM_CUDA_CHUNK_TOKENS,    /* int: CUDA normal mode, source tokens per progress chunk */
+  EPX_PARAM_CUDA_COMBINE_CHUNK_TOKENS, /* int: CUDA normal mode, source tokens per combine chunk */
   EPX_PARAM_CUDA_SEND_SHARE,      /* int: CUDA normal mode, percent of the data blocks that send */
   EPX_PARAM_CUDA_SEND_ORDER,      /* int: CUDA normal mode, which data blocks send (0 first, 1 last, 2 spread) */
   EPX_PARAM_CUDA_DYNAMIC,         /* int: CUDA normal mode, 1 = send warps claim the items of a chunk */

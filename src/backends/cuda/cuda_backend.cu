@@ -65,6 +65,7 @@ typedef struct EpxCudaComm {
   int send_order;           /* which blocks send (EPX_CUDA_SEND_ORDER, EPX_SEND_ORDER_*) */
   int dynamic;              /* EPX_CUDA_DYNAMIC: send warps claim their items */
   int chunk_tokens;         /* EPX_CUDA_CHUNK_TOKENS: source tokens per progress chunk */
+  int combine_chunk_tokens; /* EPX_CUDA_COMBINE_CHUNK_TOKENS: the same for combine (>= chunk_tokens) */
   int ll_pieces;            /* EPX_CUDA_LL_PIECES: flagged pieces of an LL combine row */
   int bulk;                 /* EPX_CUDA_BULK: bulk copies where aligned (1 dispatch, 2 combine) */
   int trace;      /* EPX_CUDA_TRACE: LL phase times, printed at destroy */
@@ -119,7 +120,7 @@ typedef struct EpxCudaPeerInfo {
   unsigned long long ll_ptr;
   unsigned long long start_time; /* /proc start time of the process (0: unknown) */
   int live_segment;              /* rank 0: the liveness segment exists */
-  int blocks, send_blocks, chunk_tokens; /* must agree: peers wait on each other's blocks */
+  int blocks, send_blocks, chunk_tokens, combine_chunk_tokens; /* must agree: peers wait on each other's blocks */
   int ll_pieces;                         /* must agree: receivers wait per piece */
 } EpxCudaPeerInfo;
 
@@ -502,6 +503,18 @@ static int chunk_tokens_param(int nranks) {
   return v < 16 ? 16 : v > (1 << 20) ? (1 << 20) : (int)v;
 }
 
+/* EPX_CUDA_COMBINE_CHUNK_TOKENS, or by default 512, and never fewer than the
+ * dispatch chunk (the claim counters are sized by its chunk count). 4xH200,
+ * EP4, 32 SMs, claimed send items (be06d2a), one sitting: with 512-token
+ * chunks for both ops combine took 593 us against 623 with 256, while
+ * dispatch lost (530 vs 509), hence a chunk of its own for combine. */
+static int combine_chunk_tokens_param(int dispatch_chunk) {
+  int64_t v = epx_param_int(EPX_PARAM_CUDA_COMBINE_CHUNK_TOKENS);
+  if (v <= 0) v = 512;
+  if (v > (1 << 20)) v = 1 << 20;
+  return v < dispatch_chunk ? dispatch_chunk : (int)v;
+}
+
 static void cuda_size_hints(const epxConfig_t *config, int nranks, epxSizeHints_t *hints) {
   int El = config->num_experts / nranks;
   EpxRegionLayout lay = epx_cuda_region_layout(nranks, config->max_tokens_per_rank, config->hidden,
@@ -650,6 +663,7 @@ static epxResult_t cuda_init(epxComm_t comm, struct epxBootstrap *boot) {
     }
     cc->dynamic = epx_param_int(EPX_PARAM_CUDA_DYNAMIC) != 0;
     cc->chunk_tokens = chunk_tokens_param(R);
+    cc->combine_chunk_tokens = combine_chunk_tokens_param(cc->chunk_tokens);
     cc->ll_pieces = (int)epx_param_int(EPX_PARAM_CUDA_LL_PIECES);
     if (cc->ll_pieces < 1 || cc->ll_pieces > EPX_LL_COMBINE_PIECES) {
       EPX_WARN(me, "EPX_CUDA_LL_PIECES=%d is not in [1, %d]: using 1", cc->ll_pieces,
@@ -770,6 +784,7 @@ static epxResult_t cuda_init(epxComm_t comm, struct epxBootstrap *boot) {
     mine.blocks = cc->blocks;
     mine.send_blocks = cc->send_blocks;
     mine.chunk_tokens = cc->chunk_tokens;
+    mine.combine_chunk_tokens = cc->combine_chunk_tokens;
     mine.ll_pieces = cc->ll_pieces;
     if (me == 0 && cc->live) {
       size_t b = 0, o = 0;
@@ -809,13 +824,15 @@ static epxResult_t cuda_init(epxComm_t comm, struct epxBootstrap *boot) {
         goto fail;
       }
       if (all[r].blocks != mine.blocks || all[r].send_blocks != mine.send_blocks ||
-          all[r].chunk_tokens != mine.chunk_tokens) {
+          all[r].chunk_tokens != mine.chunk_tokens ||
+          all[r].combine_chunk_tokens != mine.combine_chunk_tokens) {
         res = epx_error(comm, epxMismatch,
-                        "rank %d runs %d data blocks (%d sending) with %d-token chunks, this rank "
-                        "%d (%d) with %d: set config.num_sms, EPX_CUDA_SEND_SHARE and "
-                        "EPX_CUDA_CHUNK_TOKENS alike on every rank",
-                        r, all[r].blocks, all[r].send_blocks, all[r].chunk_tokens, mine.blocks,
-                        mine.send_blocks, mine.chunk_tokens);
+                        "rank %d runs %d data blocks (%d sending) with %d/%d-token chunks, this rank "
+                        "%d (%d) with %d/%d: set config.num_sms, EPX_CUDA_SEND_SHARE, "
+                        "EPX_CUDA_CHUNK_TOKENS and EPX_CUDA_COMBINE_CHUNK_TOKENS alike on every rank",
+                        r, all[r].blocks, all[r].send_blocks, all[r].chunk_tokens,
+                        all[r].combine_chunk_tokens, mine.blocks, mine.send_blocks, mine.chunk_tokens,
+                        mine.combine_chunk_tokens);
         goto fail;
       }
       if (all[r].ll_pieces != mine.ll_pieces) {
@@ -1271,6 +1288,7 @@ static epxResult_t cuda_combine(epxComm_t comm, const epxCall_t *call, const epx
     cp.combined_x = o->combined_x;
     cp.combined_topk_weights = o->combined_topk_weights;
     cp.bulk = (cc->bulk & 2) && epx_bulk_ok(a->x, a->x, (long long)a->hidden * 2);
+    cp.chunk_tokens = cc->combine_chunk_tokens;
   }
   cudaError_t e = epx_cuda_launch_hello(&hp, s);
   if (e == cudaSuccess) e = epx_cuda_launch_combine(&cp, cc->blocks, s);

@@ -1178,6 +1178,8 @@ typedef struct EpxCombineParams {
   void *combined_x;
   float *combined_topk_weights;
   int bulk;                      /* send rows as bulk copies (bulk_copy.cuh) */
+  int chunk_tokens;              /* source tokens per chunk: a multiple of none, but at least
+                                    lay.chunk_tokens, so chunks <= lay.max_chunks */
 } EpxCombineParams;
 
 typedef struct EpxLayoutParams {

@@ -77,7 +77,7 @@ static __device__ __forceinline__ void epx_combine_send_row(const EpxCombinePara
  * once, so every rank's op ends together. */
 static __device__ void epx_combine_send(const EpxCombineParams &p, const EpxOpStart &op) {
   const EpxDevCtx &c = p.ctx;
-  const int R = c.nranks, me = c.rank, Tc = c.lay.chunk_tokens;
+  const int R = c.nranks, me = c.rank, Tc = p.chunk_tokens;
   __shared__ int s_lo[EPX_CUDA_MAX_RANKS], s_hi[EPX_CUDA_MAX_RANKS], s_end[EPX_CUDA_MAX_RANKS];
   __shared__ int s_chunks;
   if (threadIdx.x == 0) s_chunks = 0;
@@ -288,7 +288,7 @@ static __device__ void epx_combine_reduce(const EpxCombineParams &p, const EpxOp
     (void)epx_wait_progress(c, ~0ull, epx_progress_value(op.epoch, EPX_PROGRESS_ALL), EPX_OP_COMBINE, p.seq);
     return;
   }
-  const int R = c.nranks, lane = threadIdx.x % 32, Tc = c.lay.chunk_tokens;
+  const int R = c.nranks, lane = threadIdx.x % 32, Tc = p.chunk_tokens;
   const int warps = (gridDim.x - c.send_blocks) * EPX_CUDA_DATA_WARPS;
   const int gwarp = rb * EPX_CUDA_DATA_WARPS + threadIdx.x / 32;
   const int chunks = (p.num_tokens + Tc - 1) / Tc;
