@@ -961,6 +961,51 @@ static void write_trace_samples(epxComm_t comm, const EpxCudaState *st) {
 /* EPX_CUDA_TRACE: the mean time from the start of each LL op's send kernel to
  * each point (cuda_common.cuh), per kind, on this rank. Reads the device state
  * only when the stream work is done and nothing failed. */
+/* One role's blocks of a normal op: the mean finish time of the earliest,
+ * median and latest block, with the block and SM of the extremes. */
+static void print_trace_role(const EpxCudaState *st, int k, int blocks, unsigned long long nops,
+                             int send, char *line, size_t cap) {
+  double t[EPX_CUDA_MAX_BLOCKS];
+  int b_of[EPX_CUDA_MAX_BLOCKS], n = 0;
+  for (int b = 0; b < blocks && b < EPX_CUDA_MAX_BLOCKS; ++b) {
+    if ((int)(st->trace_block_sm[k][b] >> 31) != send) continue;
+    t[n] = (double)st->trace_block_sum[k][b] / (double)nops / 1000.0;
+    b_of[n++] = b;
+  }
+  if (n == 0) return;
+  /* insertion sort by time (at most a few hundred blocks, once at destroy) */
+  for (int i = 1; i < n; ++i)
+    for (int j = i; j > 0 && t[j] < t[j - 1]; --j) {
+      double tt = t[j];
+      t[j] = t[j - 1];
+      t[j - 1] = tt;
+      int bb = b_of[j];
+      b_of[j] = b_of[j - 1];
+      b_of[j - 1] = bb;
+    }
+  size_t len = strlen(line);
+  snprintf(line + len, cap - len, " %s blocks: first %.1f (block %d, SM %u), median %.1f, last %.1f (block %d, SM %u);",
+           send ? "send" : "consume", t[0], b_of[0], st->trace_block_sm[k][b_of[0]] & 0x7fffffffu,
+           t[n / 2], t[n - 1], b_of[n - 1], st->trace_block_sm[k][b_of[n - 1]] & 0x7fffffffu);
+}
+
+/* EPX_CUDA_TRACE: per-block finish times of the normal ops (trace_block_*). */
+static void print_trace_blocks(epxComm_t comm, const EpxCudaState *st) {
+  EpxCudaComm *cc = cc_of(comm);
+  static const int kinds[2] = {EPX_TRACE_DISPATCH, EPX_TRACE_COMBINE};
+  static const char *const names[2] = {"dispatch", "combine"};
+  for (int k = 0; k < 2; ++k) {
+    const unsigned long long nops = st->trace_n[kinds[k]];
+    if (!nops) continue;
+    char line[512];
+    snprintf(line, sizeof line, "epx trace rank %d: %s, mean us from send start, per block:", comm->rank,
+             names[k]);
+    print_trace_role(st, k, cc->blocks, nops, 1, line, sizeof line);
+    print_trace_role(st, k, cc->blocks, nops, 0, line, sizeof line);
+    fprintf(stderr, "%s\n", line);
+  }
+}
+
 static void print_trace(epxComm_t comm) {
   static const char *const kind_names[EPX_TRACE_KINDS] = {
       "LL dispatch", "LL combine", "dispatch", "combine", "LL dispatch (fused)", "LL combine (fused)"};
@@ -991,6 +1036,7 @@ static void print_trace(epxComm_t comm) {
     }
     fprintf(stderr, "%s\n", line);
   }
+  print_trace_blocks(comm, &st);
   write_trace_samples(comm, &st);
 }
 

@@ -392,6 +392,12 @@ typedef struct EpxCudaState {
   unsigned long long trace_ring[2][EPX_TRACE_RING][EPX_TRACE_POINTS + 1];
   unsigned long long trace_sum[EPX_TRACE_KINDS][EPX_TRACE_POINTS];
   unsigned long long trace_n[EPX_TRACE_KINDS];
+  /* Normal dispatch (0) and combine (1): per block of the launch, the sum over
+   * ops of its finish time from the op's start (ns), and its SM at the latest
+   * op (bit 31: a send block). SMs do not move data equally fast: this shows
+   * which blocks end last, and where. */
+  unsigned long long trace_block_sum[2][EPX_CUDA_MAX_BLOCKS];
+  unsigned int trace_block_sm[2][EPX_CUDA_MAX_BLOCKS];
 } EpxCudaState;
 
 /* What every kernel needs to know about the communicator. */
@@ -586,6 +592,14 @@ static __device__ void epx_trace_block_done(const EpxDevCtx &c, int op) {
   if (threadIdx.x != 0) return;
   const int consumer = !epx_normal_role(c).send;
   const unsigned int n = consumer ? gridDim.x - c.send_blocks : c.send_blocks;
+  {
+    const int k = op == EPX_OP_COMBINE;
+    unsigned int sm;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+    const unsigned long long now = (unsigned long long)epx_globaltimer(), t0 = c.state->trace_t0;
+    c.state->trace_block_sum[k][blockIdx.x] += now > t0 ? now - t0 : 0ull;
+    c.state->trace_block_sm[k][blockIdx.x] = sm | (consumer ? 0u : 0x80000000u);
+  }
   __threadfence();
   if (atomicAdd(&c.state->trace_done[consumer], 1u) != n - 1) return;
   c.state->trace_done[consumer] = 0;
