@@ -72,13 +72,30 @@ static __device__ __forceinline__ void epx_combine_send_row(const EpxCombinePara
         p.topk_weights[(size_t)row * p.num_topk + lane];
 }
 
+/* Ints of shared memory a send block keeps for the row bounds of its coming
+ * chunks, [chunk - first chunk of the window][source]: at least 16 chunks
+ * (EPX_CUDA_MAX_RANKS = 64), all of them for the usual T / chunk <= 1024 / R. */
+#ifndef EPX_COMBINE_BOUND_INTS /* overridable to test the window refill */
+#define EPX_COMBINE_BOUND_INTS 1024
+#endif
+
 /* Send block: the rows of every remote source, chunk by chunk, then a
  * progress word per chunk into every peer. A skipped op posts "all sent" at
- * once, so every rank's op ends together. */
+ * once, so every rank's op ends together.
+ *
+ * The rows of source s in chunk c are [bound(c - 1), bound(c)) of s's rows in
+ * recv_src_idx (ascending tokens). Those bounds are binary searches (~12
+ * dependent loads each), so they are found for a whole window of chunks at
+ * once, one thread per (chunk, source), instead of by R threads at every
+ * chunk while the block waited: at 512-token chunks that wait cost the EP4
+ * combine ~7 us per chunk. With the bounds in shared memory nothing is
+ * written per chunk, so after a chunk's progress barrier only warp 0 waits on
+ * the system fence; the other warps go on with the next chunk. */
 static __device__ void epx_combine_send(const EpxCombineParams &p, const EpxOpStart &op) {
   const EpxDevCtx &c = p.ctx;
   const int R = c.nranks, me = c.rank, Tc = p.chunk_tokens;
-  __shared__ int s_lo[EPX_CUDA_MAX_RANKS], s_hi[EPX_CUDA_MAX_RANKS], s_end[EPX_CUDA_MAX_RANKS];
+  __shared__ int s_base[EPX_CUDA_MAX_RANKS], s_end[EPX_CUDA_MAX_RANKS];
+  __shared__ int s_bound[EPX_COMBINE_BOUND_INTS];
   __shared__ int s_chunks;
   if (threadIdx.x == 0) s_chunks = 0;
   __syncthreads();
@@ -86,12 +103,13 @@ static __device__ void epx_combine_send(const EpxCombineParams &p, const EpxOpSt
     const int s = threadIdx.x;
     const int lo = s > 0 ? p.rank_prefix_matrix[(s - 1) * R + me] : 0;
     const int hi = s == me ? lo : p.rank_prefix_matrix[s * R + me];
-    s_lo[s] = lo;
+    s_base[s] = lo;
     s_end[s] = hi;
     if (hi > lo) atomicMax(&s_chunks, p.recv_src_idx[hi - 1] / Tc + 1);
   }
   __syncthreads();
   const int chunks = s_chunks;
+  const int window = EPX_COMBINE_BOUND_INTS / R;
   const int warps = c.send_blocks * EPX_CUDA_DATA_WARPS;
   const int sb = epx_normal_role(c).index;
   const int gwarp = sb * EPX_CUDA_DATA_WARPS + threadIdx.x / 32;
@@ -100,23 +118,31 @@ static __device__ void epx_combine_send(const EpxCombineParams &p, const EpxOpSt
   EpxBulkWarp bw;
   if (p.bulk) bw = epx_bulk_warp_init(s_bars, s_bulk);
   for (int ch = 0; ch < chunks; ++ch) {
-    if ((int)threadIdx.x < R) {
-      const int s = threadIdx.x;
-      s_hi[s] = epx_rows_lower_bound(p.recv_src_idx, s_lo[s], s_end[s], (ch + 1) * Tc);
+    const int wc = ch % window; /* this chunk's row in s_bound */
+    if (wc == 0) {
+      /* (Re)fill the window with chunks ch .. ch + window - 1. Every thread is
+       * past its reads of the previous window (the progress barrier). */
+      if (ch > 0) {
+        if ((int)threadIdx.x < R) s_base[threadIdx.x] = s_bound[(window - 1) * R + threadIdx.x];
+        __syncthreads();
+      }
+      for (int i = threadIdx.x; i < window * R; i += blockDim.x) {
+        const int s = i % R, cc = ch + i / R;
+        if (cc < chunks) s_bound[i] = epx_rows_lower_bound(p.recv_src_idx, s_base[s], s_end[s], (cc + 1) * Tc);
+      }
+      __syncthreads();
     }
-    __syncthreads();
+    const int *lo = wc == 0 ? s_base : s_bound + (wc - 1) * R, *hi = s_bound + wc * R;
     /* Interleave: item i is row i / (R - 1) of source me + 1 + i % (R - 1). */
     int most = 0;
-    for (int s = 0; s < R; ++s) most = max(most, s_hi[s] - s_lo[s]);
+    for (int s = 0; s < R; ++s) most = max(most, hi[s] - lo[s]);
     const int items = (R - 1) * most;
     for (EpxWork w = epx_work_begin(c, ch, items, gwarp, warps); w.cur < w.n; epx_work_next(w)) {
       const int i = w.cur, s = (me + 1 + i % (R - 1)) % R, k = i / (R - 1);
-      if (k < s_hi[s] - s_lo[s]) epx_combine_send_row(p, s_lo[s] + k, s, p.bulk ? &bw : NULL);
+      if (k < hi[s] - lo[s]) epx_combine_send_row(p, lo[s] + k, s, p.bulk ? &bw : NULL);
     }
     if (p.bulk && threadIdx.x % 32 == 0) epx_bulk_drain();
     epx_post_progress(c, epx_progress_value(op.epoch, ch + 1 == chunks ? EPX_PROGRESS_ALL : ch + 1));
-    __syncthreads();
-    if ((int)threadIdx.x < R) s_lo[threadIdx.x] = s_hi[threadIdx.x];
   }
   if (chunks == 0) epx_post_progress(c, epx_progress_value(op.epoch, EPX_PROGRESS_ALL));
   if (threadIdx.x == 0 && sb == 0) epx_trace(c, EPX_OP_COMBINE, EPX_TRACE_SEND_BLOCK0);
