@@ -54,9 +54,10 @@ static const epxParamDef param_defs[EPX_PARAM_COUNT] = {
                                      "has sent it (at least 16; the same on every rank; 0 = 512 "
                                      "at 2 ranks, 256 above)"},
     [EPX_PARAM_CUDA_COMBINE_CHUNK_TOKENS] = {"EPX_CUDA_COMBINE_CHUNK_TOKENS", 1, 0, NULL,
-                                             "CUDA normal mode: source tokens per combine chunk, "
-                                             "at least the dispatch chunk (EPX_CUDA_CHUNK_TOKENS; "
-                                             "the same on every rank; 0 = 512)"},
+                                             "CUDA normal mode: source tokens per combine chunk "
+                                             "(at least 16; its own, not the dispatch's "
+                                             "EPX_CUDA_CHUNK_TOKENS; the same on every rank; "
+                                             "0 = 256)"},
     [EPX_PARAM_CUDA_SEND_SHARE] = {"EPX_CUDA_SEND_SHARE", 1, 50, NULL,
                                    "CUDA normal mode: percent of the data blocks (config.num_sms) "
                                    "that send; the others consume (the same on every rank)"},

@@ -65,7 +65,7 @@ typedef struct EpxCudaComm {
   int send_order;           /* which blocks send (EPX_CUDA_SEND_ORDER, EPX_SEND_ORDER_*) */
   int dynamic;              /* EPX_CUDA_DYNAMIC: send warps claim their items */
   int chunk_tokens;         /* EPX_CUDA_CHUNK_TOKENS: source tokens per progress chunk */
-  int combine_chunk_tokens; /* EPX_CUDA_COMBINE_CHUNK_TOKENS: the same for combine (>= chunk_tokens) */
+  int combine_chunk_tokens; /* EPX_CUDA_COMBINE_CHUNK_TOKENS: the same for combine */
   int ll_pieces;            /* EPX_CUDA_LL_PIECES: flagged pieces of an LL combine row */
   int bulk;                 /* EPX_CUDA_BULK: bulk copies where aligned (1 dispatch, 2 combine) */
   int trace;      /* EPX_CUDA_TRACE: LL phase times, printed at destroy */
@@ -503,22 +503,23 @@ static int chunk_tokens_param(int nranks) {
   return v < 16 ? 16 : v > (1 << 20) ? (1 << 20) : (int)v;
 }
 
-/* EPX_CUDA_COMBINE_CHUNK_TOKENS, or by default 512, and never fewer than the
- * dispatch chunk (the claim counters are sized by its chunk count). 4xH200,
- * EP4, 32 SMs, claimed send items (be06d2a), one sitting: with 512-token
- * chunks for both ops combine took 593 us against 623 with 256, while
- * dispatch lost (530 vs 509), hence a chunk of its own for combine. */
-static int combine_chunk_tokens_param(int dispatch_chunk) {
+/* EPX_CUDA_COMBINE_CHUNK_TOKENS (at least 16), or by default 256. A chunk
+ * of its own: its best size differs from the dispatch's. 4xH200, EP4, 32 SMs,
+ * one sitting, once the combine send found its chunk bounds ahead: 548 us with
+ * 256-token chunks, 563 with 512, 608 with 1024 (the last chunk's reduce is
+ * the tail). Before that change every chunk cost the send ~7 us, and 512 won. */
+static int combine_chunk_tokens_param(void) {
   int64_t v = epx_param_int(EPX_PARAM_CUDA_COMBINE_CHUNK_TOKENS);
-  if (v <= 0) v = 512;
-  if (v > (1 << 20)) v = 1 << 20;
-  return v < dispatch_chunk ? dispatch_chunk : (int)v;
+  if (v <= 0) return 256;
+  return v < 16 ? 16 : v > (1 << 20) ? (1 << 20) : (int)v;
 }
 
 static void cuda_size_hints(const epxConfig_t *config, int nranks, epxSizeHints_t *hints) {
   int El = config->num_experts / nranks;
+  const int chunk = chunk_tokens_param(nranks), combine_chunk = combine_chunk_tokens_param();
   EpxRegionLayout lay = epx_cuda_region_layout(nranks, config->max_tokens_per_rank, config->hidden,
-                                               config->max_topk, El, chunk_tokens_param(nranks));
+                                               config->max_topk, El, chunk,
+                                               chunk < combine_chunk ? chunk : combine_chunk);
   size_t T = (size_t)config->max_tokens_per_rank, R = (size_t)nranks;
   int rpn = config->ranks_per_node > 0 ? config->ranks_per_node : nranks;
   hints->comm_buffer_bytes =
@@ -663,7 +664,7 @@ static epxResult_t cuda_init(epxComm_t comm, struct epxBootstrap *boot) {
     }
     cc->dynamic = epx_param_int(EPX_PARAM_CUDA_DYNAMIC) != 0;
     cc->chunk_tokens = chunk_tokens_param(R);
-    cc->combine_chunk_tokens = combine_chunk_tokens_param(cc->chunk_tokens);
+    cc->combine_chunk_tokens = combine_chunk_tokens_param();
     cc->ll_pieces = (int)epx_param_int(EPX_PARAM_CUDA_LL_PIECES);
     if (cc->ll_pieces < 1 || cc->ll_pieces > EPX_LL_COMBINE_PIECES) {
       EPX_WARN(me, "EPX_CUDA_LL_PIECES=%d is not in [1, %d]: using 1", cc->ll_pieces,
@@ -721,7 +722,9 @@ static epxResult_t cuda_init(epxComm_t comm, struct epxBootstrap *boot) {
   EPX_CUDA_TRY(cudaStreamCreateWithFlags(&cc->comm_stream, cudaStreamNonBlocking), "cudaStreamCreate");
 
   cc->lay = epx_cuda_region_layout(R, comm->config.max_tokens_per_rank, comm->config.hidden,
-                                   comm->config.max_topk, comm->num_local_experts, cc->chunk_tokens);
+                                   comm->config.max_topk, comm->num_local_experts, cc->chunk_tokens,
+                                   cc->chunk_tokens < cc->combine_chunk_tokens ? cc->chunk_tokens
+                                                                               : cc->combine_chunk_tokens);
   EPX_CUDA_TRY(cudaMalloc((void **)&cc->region, cc->lay.total), "cudaMalloc (region)");
   /* Hello and progress words start at epoch 0 < every epoch a peer waits for. */
   EPX_CUDA_TRY(cudaMemsetAsync(cc->region, 0, cc->lay.total, cc->comm_stream), "cudaMemsetAsync");

@@ -125,8 +125,9 @@ typedef struct EpxRegionLayout {
   size_t hello_off, hello_stride; /* [2][R] hello slots */
   size_t progress_off;            /* [R source][EPX_CUDA_MAX_BLOCKS] unsigned long long */
   size_t bound_off;               /* [R source][max_chunks] int: rows sent after each chunk */
-  size_t claim_off;               /* [max_chunks] unsigned: items of my chunk claimed (EpxWork) */
-  int chunk_tokens, max_chunks;   /* source tokens per chunk; chunks of max_tokens */
+  size_t claim_off;               /* [claim_chunks] unsigned: items of my chunk claimed (EpxWork) */
+  int chunk_tokens, max_chunks;   /* dispatch: source tokens per chunk; chunks of max_tokens */
+  int claim_chunks;               /* chunks of max_tokens in the op with the smallest chunk */
   size_t payload_off, payload_stride;
   size_t scales_off, scales_stride;
   size_t src_off;     /* [rows] int */
@@ -148,12 +149,14 @@ static inline __host__ __device__ size_t epx_cuda_align(size_t n, size_t a) {
 static inline __host__ __device__ EpxRegionLayout epx_cuda_region_layout(int nranks, int max_tokens,
                                                                          int hidden, int max_topk,
                                                                          int num_local_experts,
-                                                                         int chunk_tokens) {
+                                                                         int chunk_tokens,
+                                                                         int smallest_chunk_tokens) {
   EpxRegionLayout l;
   size_t off = 0;
   l.rows = (long long)nranks * max_tokens;
   l.chunk_tokens = chunk_tokens;
   l.max_chunks = (max_tokens + chunk_tokens - 1) / chunk_tokens;
+  l.claim_chunks = (max_tokens + smallest_chunk_tokens - 1) / smallest_chunk_tokens;
   l.hello_off = off;
   l.hello_stride = epx_cuda_align(sizeof(EpxHello) + sizeof(int) * (size_t)(nranks + num_local_experts), 128);
   off += l.hello_stride * EPX_CUDA_HELLO_SLOTS * (size_t)nranks;
@@ -162,7 +165,7 @@ static inline __host__ __device__ EpxRegionLayout epx_cuda_region_layout(int nra
   l.bound_off = epx_cuda_align(off, 128);
   off = l.bound_off + sizeof(int) * (size_t)nranks * (size_t)(l.max_chunks > 0 ? l.max_chunks : 1);
   l.claim_off = epx_cuda_align(off, 128);
-  off = l.claim_off + sizeof(unsigned) * (size_t)(l.max_chunks > 0 ? l.max_chunks : 1);
+  off = l.claim_off + sizeof(unsigned) * (size_t)(l.claim_chunks > 0 ? l.claim_chunks : 1);
   l.payload_off = epx_cuda_align(off, 256);
   l.payload_stride = epx_cuda_align(epx_payload_row_bytes(hidden, 0), EPX_ROW_ALIGN_BYTES);
   off = l.payload_off + l.payload_stride * (size_t)l.rows;
@@ -1192,8 +1195,8 @@ typedef struct EpxCombineParams {
   void *combined_x;
   float *combined_topk_weights;
   int bulk;                      /* send rows as bulk copies (bulk_copy.cuh) */
-  int chunk_tokens;              /* source tokens per chunk: a multiple of none, but at least
-                                    lay.chunk_tokens, so chunks <= lay.max_chunks */
+  int chunk_tokens;              /* source tokens per chunk (its own, EPX_CUDA_COMBINE_CHUNK_TOKENS);
+                                    chunks <= lay.claim_chunks */
 } EpxCombineParams;
 
 typedef struct EpxLayoutParams {

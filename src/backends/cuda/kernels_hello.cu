@@ -156,7 +156,7 @@ __global__ void __launch_bounds__(EPX_CUDA_HELLO_THREADS, 1) epx_hello_kernel(Ep
    * them only after this kernel completed (stream order or the PDL wait). */
   if (p.op == EPX_OP_DISPATCH || p.op == EPX_OP_COMBINE) {
     unsigned *claims = epx_work_counters(c);
-    for (int i = threadIdx.x; i < c.lay.max_chunks; i += blockDim.x) claims[i] = 0u;
+    for (int i = threadIdx.x; i < c.lay.claim_chunks; i += blockDim.x) claims[i] = 0u;
   }
   size_t smem_ints = epx_cuda_hello_smem_bytes(R, c.num_experts) / sizeof(int);
   for (size_t i = threadIdx.x; i < smem_ints; i += blockDim.x) smem[i] = 0;
