@@ -265,6 +265,7 @@ static const char *phase_name(int phase) {
     case EPX_PHASE_LL_SLOT: return "low-latency buffer slot reuse (peer's previous receive)";
     case EPX_PHASE_LL_SIGNAL: return "low-latency headers";
     case EPX_PHASE_LL_MESSAGE: return "low-latency message";
+    case EPX_PHASE_LOCAL_RELEASE: return "send block's own chunk release";
     default: return "unknown phase";
   }
 }
@@ -505,9 +506,10 @@ static int chunk_tokens_param(int nranks) {
 
 /* EPX_CUDA_COMBINE_CHUNK_TOKENS (at least 16), or by default 256. A chunk
  * of its own: its best size differs from the dispatch's. 4xH200, EP4, 32 SMs,
- * one sitting, once the combine send found its chunk bounds ahead: 548 us with
- * 256-token chunks, 563 with 512, 608 with 1024 (the last chunk's reduce is
- * the tail). Before that change every chunk cost the send ~7 us, and 512 won. */
+ * one sitting each: with the chunk bounds found ahead (490ae11) 548 us at
+ * 256-token chunks, 563 at 512, 608 at 1024; with the last-warp release and
+ * the four-rank reduce (this commit) 530 at 256, 540 at 512, 889 at 128 (the
+ * reduce warps then take one token per chunk, ~28 us each, half of them idle). */
 static int combine_chunk_tokens_param(void) {
   int64_t v = epx_param_int(EPX_PARAM_CUDA_COMBINE_CHUNK_TOKENS);
   if (v <= 0) return 256;

@@ -89,7 +89,8 @@ enum {
   EPX_PHASE_CHECK = 3,   /* the headers of this call disagree */
   EPX_PHASE_LL_SLOT = 4, /* low latency: waiting for a peer to free the buffer slot */
   EPX_PHASE_LL_SIGNAL = 5, /* low latency: waiting for a peer's headers */
-  EPX_PHASE_LL_MESSAGE = 6 /* low latency: waiting for one message's flag (2 x op + 1 when sent) */
+  EPX_PHASE_LL_MESSAGE = 6, /* low latency: waiting for one message's flag (2 x op + 1 when sent) */
+  EPX_PHASE_LOCAL_RELEASE = 7 /* a send block's warp waiting for its own block's earlier chunk release */
 };
 
 /* Fields compared in the hello (named in mismatch messages). */
@@ -727,10 +728,12 @@ static __device__ __forceinline__ EpxHello *epx_hello_slot(const EpxDevCtx &c, c
  * A normal-mode dispatch or combine is one launch: S blocks send, the other
  * B - S consume (copy out, or reduce) while the send goes on (which blocks:
  * epx_normal_role; b below is a block's index among the senders). Senders walk
- * their rows in chunks of lay.chunk_tokens source tokens, in order, each warp
- * claiming items of the current chunk (EpxWork). After its share of chunk c,
- * send block b release-stores progress[me][b] =
- * epoch << 24 | (c + 1) into every peer's region, and after its last chunk
+ * their rows in chunks of source tokens (lay.chunk_tokens in dispatch, the
+ * combine's own chunk in combine), in order, each warp claiming items of the
+ * current chunk (EpxWork). After its share of chunk c, send block b
+ * release-stores progress[me][b] = epoch << 24 | (c + 1) into every peer's
+ * region (dispatch: the whole block meets first, epx_post_progress; combine:
+ * the block's last warp to finish c does it, epx_chunk_done), and after its last chunk
  * epoch << 24 | EPX_PROGRESS_ALL. A consumer that acquired, for every send
  * block b of src, progress[src][b] >= epoch << 24 | (c + 1) sees every row of
  * chunks 0..c that src wrote into its region. Values only grow (epochs grow),
@@ -767,6 +770,89 @@ static __device__ void epx_post_progress(const EpxDevCtx &c, unsigned long long 
     __threadfence_system();
     epx_st_release_sys(epx_progress(c, c.peers[threadIdx.x], c.rank, epx_normal_role(c).index), value);
   }
+}
+
+/* ---- chunk release by the last warp (normal-mode send blocks) ----
+ *
+ * epx_post_progress makes the whole block meet at every chunk's end, and one
+ * warp then waits on the system fence. Under a full NVLink queue that fence
+ * takes ~28 us (EP4 combine: 64- and 128-token chunks cost ~29 us each), so
+ * chunks shorter than a fence stalled every warp. Here no warp waits for the
+ * others: each warp counts itself done with chunk c in shared memory, and the
+ * warp that arrives last fences and releases c to every peer, then goes on
+ * with its next items (the claims hand its share to the others meanwhile).
+ * Fences of several chunks overlap; the progress stores stay in chunk order
+ * (a value c + 1 promises chunks 0..c), so the last warp of c waits until c - 1
+ * is released, and a warp may run at most EPX_RELEASE_SLOTS chunks ahead of the
+ * last released one (the counters are reused modulo that). Both waits are on
+ * this block's own warps, which always go on; they are bounded by the
+ * communicator's timeout all the same. */
+#define EPX_RELEASE_SLOTS 8
+
+typedef struct EpxChunkRelease {
+  unsigned arrived[EPX_RELEASE_SLOTS]; /* warps done with chunk c, at c % EPX_RELEASE_SLOTS */
+  int released;                        /* chunks 0 .. released - 1 are released to every peer */
+} EpxChunkRelease;
+
+/* Thread 0, before a __syncthreads. */
+static __device__ __forceinline__ void epx_chunk_release_init(EpxChunkRelease &s) {
+  for (int i = 0; i < EPX_RELEASE_SLOTS; ++i) s.arrived[i] = 0u;
+  s.released = 0;
+}
+
+/* One lane: until chunks 0 .. n - 1 are released by this block. Returns 0
+ * after a timeout (recorded), or at once once the communicator failed. */
+static __device__ int epx_wait_released(const EpxDevCtx &c, EpxChunkRelease &s, int n, int op,
+                                        unsigned long long seq) {
+  if (n <= 0) return 1;
+  const long long start = epx_globaltimer();
+  for (;;) {
+    const int have = atomicAdd(&s.released, 0); /* atomics throughout: racecheck sees no race */
+    if (have >= n) break;
+    __nanosleep(64);
+    if (epx_ld_volatile_i32((volatile int *)&c.state->fatal)) return 0;
+    if (epx_globaltimer() - start > c.timeout_ns) {
+      epx_record_error(c, epxTimeout, op, EPX_PHASE_LOCAL_RELEASE, c.rank, EPX_FIELD_NONE, n, have, seq);
+      return 0;
+    }
+  }
+  __threadfence_block(); /* the releases (and counter resets) seen are ordered before what follows */
+  return 1;
+}
+
+/* Every warp of a send block, after its items of chunk ch (bulk stores
+ * drained): the warp that arrives last releases `value` into every peer's
+ * progress word of this block. Returns 0 for the whole warp after a failed
+ * wait (recorded: the sticky fatal flag ends the peers' waits). */
+static __device__ int epx_chunk_done(const EpxDevCtx &c, EpxChunkRelease &s, int ch,
+                                     unsigned long long value, int op, unsigned long long seq) {
+  const int lane = threadIdx.x % 32, slot = ch % EPX_RELEASE_SLOTS;
+  int ok = 1, last = 0;
+  __syncwarp(); /* the lanes' stores of this chunk before lane 0's count */
+  if (lane == 0) {
+    ok = epx_wait_released(c, s, ch - EPX_RELEASE_SLOTS + 1, op, seq); /* slot reuse */
+    __threadfence_block();
+    last = atomicAdd(&s.arrived[slot], 1u) == blockDim.x / 32 - 1;
+    if (last) atomicExch(&s.arrived[slot], 0u); /* no warp counts into it before chunk ch is released */
+  }
+  last = __shfl_sync(0xffffffffu, last, 0);
+  if (!last) return __shfl_sync(0xffffffffu, ok, 0);
+  __syncwarp();
+  /* The slow part first, while the release of chunk ch - 1 may still be
+   * pending in another warp: this fence covers chunk ch's rows. */
+  if (lane == 0) __threadfence_system();
+  if (lane == 0) ok = epx_wait_released(c, s, ch, op, seq) && ok; /* releases in chunk order */
+  ok = __shfl_sync(0xffffffffu, ok, 0);
+  /* A release store is cumulative: it also covers chunks 0 .. ch - 1, whose
+   * release this warp has now seen. */
+  for (int r = lane; r < c.nranks; r += 32)
+    if (r != c.rank) epx_st_release_sys(epx_progress(c, c.peers[r], c.rank, epx_normal_role(c).index), value);
+  __syncwarp();
+  if (lane == 0) {
+    __threadfence_block();
+    atomicExch(&s.released, ch + 1);
+  }
+  return ok;
 }
 
 /* Every thread of a consume block: waits until every send block of every peer

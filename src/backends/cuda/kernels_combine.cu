@@ -89,15 +89,19 @@ static __device__ __forceinline__ void epx_combine_send_row(const EpxCombinePara
  * once, one thread per (chunk, source), instead of by R threads at every
  * chunk while the block waited: at 512-token chunks that wait cost the EP4
  * combine ~7 us per chunk. With the bounds in shared memory nothing is
- * written per chunk, so after a chunk's progress barrier only warp 0 waits on
- * the system fence; the other warps go on with the next chunk. */
+ * written per chunk, and no warp waits for the others at a chunk's end: the
+ * last one to finish releases it (epx_chunk_done). */
 static __device__ void epx_combine_send(const EpxCombineParams &p, const EpxOpStart &op) {
   const EpxDevCtx &c = p.ctx;
   const int R = c.nranks, me = c.rank, Tc = p.chunk_tokens;
   __shared__ int s_base[EPX_CUDA_MAX_RANKS], s_end[EPX_CUDA_MAX_RANKS];
   __shared__ int s_bound[EPX_COMBINE_BOUND_INTS];
   __shared__ int s_chunks;
-  if (threadIdx.x == 0) s_chunks = 0;
+  __shared__ EpxChunkRelease s_release;
+  if (threadIdx.x == 0) {
+    s_chunks = 0;
+    epx_chunk_release_init(s_release);
+  }
   __syncthreads();
   if (!op.skip && (int)threadIdx.x < R) {
     const int s = threadIdx.x;
@@ -120,9 +124,10 @@ static __device__ void epx_combine_send(const EpxCombineParams &p, const EpxOpSt
   for (int ch = 0; ch < chunks; ++ch) {
     const int wc = ch % window; /* this chunk's row in s_bound */
     if (wc == 0) {
-      /* (Re)fill the window with chunks ch .. ch + window - 1. Every thread is
-       * past its reads of the previous window (the progress barrier). */
+      /* (Re)fill the window with chunks ch .. ch + window - 1, once every
+       * thread is past its reads of the previous window. */
       if (ch > 0) {
+        __syncthreads();
         if ((int)threadIdx.x < R) s_base[threadIdx.x] = s_bound[(window - 1) * R + threadIdx.x];
         __syncthreads();
       }
@@ -142,7 +147,11 @@ static __device__ void epx_combine_send(const EpxCombineParams &p, const EpxOpSt
       if (k < hi[s] - lo[s]) epx_combine_send_row(p, lo[s] + k, s, p.bulk ? &bw : NULL);
     }
     if (p.bulk && threadIdx.x % 32 == 0) epx_bulk_drain();
-    epx_post_progress(c, epx_progress_value(op.epoch, ch + 1 == chunks ? EPX_PROGRESS_ALL : ch + 1));
+    /* (A failed wait is recorded as fatal; the loop still runs to its end,
+     * so that every warp meets the window refill's barriers.) */
+    (void)epx_chunk_done(c, s_release, ch,
+                         epx_progress_value(op.epoch, ch + 1 == chunks ? EPX_PROGRESS_ALL : ch + 1),
+                         EPX_OP_COMBINE, p.seq);
   }
   if (chunks == 0) epx_post_progress(c, epx_progress_value(op.epoch, EPX_PROGRESS_ALL));
   if (threadIdx.x == 0 && sb == 0) epx_trace(c, EPX_OP_COMBINE, EPX_TRACE_SEND_BLOCK0);
@@ -231,40 +240,126 @@ static __device__ __forceinline__ void epx_reduce_add(int r, int rpn, int &node,
   }
 }
 
-/* One token: each lane keeps EPX_REDUCE_UNROLL vectors of two ranks in flight
- * per step (one warp per token, so the loads must overlap to fill HBM). */
+/* Ranks whose rows a lane loads at once in the one-node reduce. */
+#define EPX_REDUCE_FLAT_RANKS 4
+
+/* One step of vectors [v0, v0 + 32 * EPX_REDUCE_UNROLL) of a token, over
+ * several nodes: two ranks' loads in flight, node partial sums folded in
+ * order (epx_reduce_add). */
+static __device__ __forceinline__ void epx_reduce_step_nodes(const EpxCombineParams &p, int t, int my_row,
+                                                             unsigned m_lo, unsigned m_hi, int v0, int nvec,
+                                                             float acc[EPX_REDUCE_UNROLL][EPX_BF16_PER_VEC]) {
+  const int me = p.ctx.rank, rpn = p.ctx.ranks_per_node;
+  float part[EPX_REDUCE_UNROLL][EPX_BF16_PER_VEC];
+#pragma unroll
+  for (int u = 0; u < EPX_REDUCE_UNROLL; ++u)
+#pragma unroll
+    for (int i = 0; i < EPX_BF16_PER_VEC; ++i) acc[u][i] = part[u][i] = 0.0f;
+  int node = -1;
+  for (;;) {
+    const int ra = epx_next_rank(m_lo, m_hi);
+    if (ra < 0) break;
+    const int rb = epx_next_rank(m_lo, m_hi);
+    int4 a[EPX_REDUCE_UNROLL], b[EPX_REDUCE_UNROLL];
+    epx_reduce_load(epx_reduce_row(p, t, ra, my_row), ra, me, v0, nvec, a);
+    if (rb >= 0) epx_reduce_load(epx_reduce_row(p, t, rb, my_row), rb, me, v0, nvec, b);
+    epx_reduce_add(ra, rpn, node, a, acc, part);
+    if (rb < 0) break;
+    epx_reduce_add(rb, rpn, node, b, acc, part);
+  }
+#pragma unroll
+  for (int u = 0; u < EPX_REDUCE_UNROLL; ++u)
+#pragma unroll
+    for (int i = 0; i < EPX_BF16_PER_VEC; ++i)
+      if (node >= 0) acc[u][i] = epx_add_rn(acc[u][i], part[u][i]);
+}
+
+/* Bytes of dynamic shared memory per warp for the one-node reduce's loads. */
+#define EPX_REDUCE_STAGE_BYTES (EPX_REDUCE_FLAT_RANKS * EPX_REDUCE_UNROLL * 32 * 16)
+static_assert(EPX_REDUCE_STAGE_BYTES <= EPX_BULK_PIECE_BYTES,
+              "the reduce's staging fits the dynamic shared memory the launch gives the send's bulk copies");
+
+/* 16 bytes from global memory into shared memory, asynchronously (cp.async,
+ * L2 only: the slots were written by peers). */
+static __device__ __forceinline__ void epx_cp_async16(int4 *smem, const int4 *gmem) {
+  const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+}
+
+/* Waits for this thread's cp.async copies; they are then visible to it. */
+static __device__ __forceinline__ void epx_cp_async_wait_all(void) {
+  asm volatile("cp.async.commit_group;\n\tcp.async.wait_group 0;" ::: "memory");
+}
+
+/* The same step when every rank is in one node (the usual NVLink case): the
+ * loads of EPX_REDUCE_FLAT_RANKS ranks go at once into shared memory (the
+ * warp's stage), twice the bytes in flight of the register version, which the
+ * register file cannot hold. The reduce is bound by those bytes (HBM
+ * latency): at EP4 one warp took ~30 us per token of 7168 channels with two
+ * ranks in flight. Same adds in the same order as the node version (the one
+ * node's sum, then 0 + it), so the bits are the same. Each lane reads back
+ * only the vectors it copied. */
+static __device__ __forceinline__ void epx_reduce_step_flat(const EpxCombineParams &p, int t, int my_row,
+                                                            unsigned m_lo, unsigned m_hi, int v0, int nvec,
+                                                            int4 *stage,
+                                                            float acc[EPX_REDUCE_UNROLL][EPX_BF16_PER_VEC]) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int u = 0; u < EPX_REDUCE_UNROLL; ++u)
+#pragma unroll
+    for (int i = 0; i < EPX_BF16_PER_VEC; ++i) acc[u][i] = 0.0f;
+  bool any = false;
+  for (;;) {
+    int r[EPX_REDUCE_FLAT_RANKS];
+#pragma unroll
+    for (int j = 0; j < EPX_REDUCE_FLAT_RANKS; ++j) {
+      r[j] = epx_next_rank(m_lo, m_hi);
+      if (r[j] < 0) continue;
+      const int4 *row = epx_reduce_row(p, t, r[j], my_row);
+#pragma unroll
+      for (int u = 0; u < EPX_REDUCE_UNROLL; ++u) {
+        const int v = v0 + u * 32 + lane;
+        if (v < nvec) epx_cp_async16(stage + (j * EPX_REDUCE_UNROLL + u) * 32 + lane, row + v);
+      }
+    }
+    epx_cp_async_wait_all();
+#pragma unroll
+    for (int j = 0; j < EPX_REDUCE_FLAT_RANKS; ++j) {
+      if (r[j] < 0) continue;
+      any = true;
+#pragma unroll
+      for (int u = 0; u < EPX_REDUCE_UNROLL; ++u) {
+        if (v0 + u * 32 + lane >= nvec) continue;
+        float f[EPX_BF16_PER_VEC];
+        epx_unpack_bf16x8(stage[(j * EPX_REDUCE_UNROLL + u) * 32 + lane], f);
+#pragma unroll
+        for (int i = 0; i < EPX_BF16_PER_VEC; ++i) acc[u][i] = epx_add_rn(acc[u][i], f[i]);
+      }
+    }
+    if (r[EPX_REDUCE_FLAT_RANKS - 1] < 0) break;
+  }
+#pragma unroll
+  for (int u = 0; u < EPX_REDUCE_UNROLL; ++u)
+#pragma unroll
+    for (int i = 0; i < EPX_BF16_PER_VEC; ++i)
+      if (any) acc[u][i] = epx_add_rn(0.0f, acc[u][i]);
+}
+
+/* One token, one warp, EPX_REDUCE_UNROLL vectors a lane per step; stage:
+ * the warp's EPX_REDUCE_STAGE_BYTES of shared memory. */
 static __device__ void epx_combine_reduce_token(const EpxCombineParams &p, int t,
-                                                unsigned in_lo, unsigned in_hi) {
+                                                unsigned in_lo, unsigned in_hi, int4 *stage) {
   const EpxDevCtx &c = p.ctx;
   const EpxRegionLayout &L = c.lay;
   const char *region = c.peers[c.rank];
   const int R = c.nranks, me = c.rank, rpn = c.ranks_per_node, lane = threadIdx.x % 32;
   const int nvec = p.hidden / EPX_BF16_PER_VEC;
   const int my_row = p.send_row[(size_t)t * R + me];
+  const bool one_node = rpn >= R;
   for (int v0 = 0; v0 < nvec; v0 += 32 * EPX_REDUCE_UNROLL) {
-    float acc[EPX_REDUCE_UNROLL][EPX_BF16_PER_VEC], part[EPX_REDUCE_UNROLL][EPX_BF16_PER_VEC];
-#pragma unroll
-    for (int u = 0; u < EPX_REDUCE_UNROLL; ++u)
-#pragma unroll
-      for (int i = 0; i < EPX_BF16_PER_VEC; ++i) acc[u][i] = part[u][i] = 0.0f;
-    int node = -1;
-    unsigned m_lo = in_lo, m_hi = in_hi;
-    for (;;) {
-      const int ra = epx_next_rank(m_lo, m_hi);
-      if (ra < 0) break;
-      const int rb = epx_next_rank(m_lo, m_hi);
-      int4 a[EPX_REDUCE_UNROLL], b[EPX_REDUCE_UNROLL];
-      epx_reduce_load(epx_reduce_row(p, t, ra, my_row), ra, me, v0, nvec, a);
-      if (rb >= 0) epx_reduce_load(epx_reduce_row(p, t, rb, my_row), rb, me, v0, nvec, b);
-      epx_reduce_add(ra, rpn, node, a, acc, part);
-      if (rb < 0) break;
-      epx_reduce_add(rb, rpn, node, b, acc, part);
-    }
-#pragma unroll
-    for (int u = 0; u < EPX_REDUCE_UNROLL; ++u)
-#pragma unroll
-      for (int i = 0; i < EPX_BF16_PER_VEC; ++i)
-        if (node >= 0) acc[u][i] = epx_add_rn(acc[u][i], part[u][i]);
+    float acc[EPX_REDUCE_UNROLL][EPX_BF16_PER_VEC];
+    if (one_node) epx_reduce_step_flat(p, t, my_row, in_lo, in_hi, v0, nvec, stage, acc);
+    else epx_reduce_step_nodes(p, t, my_row, in_lo, in_hi, v0, nvec, acc);
     const void *bias[2] = {p.bias0, p.bias1};
 #pragma unroll
     for (int bi = 0; bi < 2; ++bi) {
@@ -318,6 +413,8 @@ static __device__ void epx_combine_reduce(const EpxCombineParams &p, const EpxOp
   const int warps = (gridDim.x - c.send_blocks) * EPX_CUDA_DATA_WARPS;
   const int gwarp = rb * EPX_CUDA_DATA_WARPS + threadIdx.x / 32;
   const int chunks = (p.num_tokens + Tc - 1) / Tc;
+  extern __shared__ __align__(128) char s_stage[]; /* the launch's dynamic shared memory */
+  int4 *stage = (int4 *)(s_stage + (size_t)(threadIdx.x / 32) * EPX_REDUCE_STAGE_BYTES);
   for (int ch = 0; ch < chunks; ++ch) {
     /* The slots were written by every peer before its progress release; this
      * block's acquire of each progress word orders the reads below after them. */
@@ -328,7 +425,7 @@ static __device__ void epx_combine_reduce(const EpxCombineParams &p, const EpxOp
       const uint8_t *itr = p.is_token_in_rank + (size_t)t * R;
       unsigned in_lo = __ballot_sync(0xffffffffu, lane < R && itr[lane]);
       unsigned in_hi = __ballot_sync(0xffffffffu, lane + 32 < R && itr[lane + 32]);
-      epx_combine_reduce_token(p, t, in_lo, in_hi);
+      epx_combine_reduce_token(p, t, in_lo, in_hi, stage);
     }
   }
   if (rb == 0) {
@@ -357,8 +454,10 @@ cudaError_t epx_cuda_preload_combine(void) {
                                                  (int)EPX_BULK_SMEM_BYTES);
 }
 
-/* blocks >= 2: at least one send and one reduce block (ctx.send_blocks < blocks). */
+/* blocks >= 2: at least one send and one reduce block (ctx.send_blocks < blocks).
+ * The dynamic shared memory serves the send warps' bulk copies and the reduce
+ * warps' stages (EPX_REDUCE_STAGE_BYTES each): other blocks, the same size. */
 cudaError_t epx_cuda_launch_combine(const EpxCombineParams *p, int blocks, cudaStream_t stream) {
-  return epx_launch(epx_combine_kernel, p->ctx.pdl, blocks, EPX_CUDA_DATA_THREADS,
-                    p->bulk ? EPX_BULK_SMEM_BYTES : 0, stream, *p);
+  return epx_launch(epx_combine_kernel, p->ctx.pdl, blocks, EPX_CUDA_DATA_THREADS, EPX_BULK_SMEM_BYTES,
+                    stream, *p);
 }
