@@ -508,7 +508,7 @@ static int chunk_tokens_param(int nranks) {
  * of its own: its best size differs from the dispatch's. 4xH200, EP4, 32 SMs,
  * one sitting each: with the chunk bounds found ahead (490ae11) 548 us at
  * 256-token chunks, 563 at 512, 608 at 1024; with the last-warp release and
- * the four-rank reduce (this commit) 530 at 256, 540 at 512, 889 at 128 (the
+ * the four-rank reduce (7b847dd) 530 at 256, 540 at 512, 889 at 128 (the
  * reduce warps then take one token per chunk, ~28 us each, half of them idle). */
 static int combine_chunk_tokens_param(void) {
   int64_t v = epx_param_int(EPX_PARAM_CUDA_COMBINE_CHUNK_TOKENS);
@@ -518,10 +518,9 @@ static int combine_chunk_tokens_param(void) {
 
 static void cuda_size_hints(const epxConfig_t *config, int nranks, epxSizeHints_t *hints) {
   int El = config->num_experts / nranks;
-  const int chunk = chunk_tokens_param(nranks), combine_chunk = combine_chunk_tokens_param();
   EpxRegionLayout lay = epx_cuda_region_layout(nranks, config->max_tokens_per_rank, config->hidden,
-                                               config->max_topk, El, chunk,
-                                               chunk < combine_chunk ? chunk : combine_chunk);
+                                               config->max_topk, El, chunk_tokens_param(nranks),
+                                               combine_chunk_tokens_param());
   size_t T = (size_t)config->max_tokens_per_rank, R = (size_t)nranks;
   int rpn = config->ranks_per_node > 0 ? config->ranks_per_node : nranks;
   hints->comm_buffer_bytes =
@@ -725,8 +724,7 @@ static epxResult_t cuda_init(epxComm_t comm, struct epxBootstrap *boot) {
 
   cc->lay = epx_cuda_region_layout(R, comm->config.max_tokens_per_rank, comm->config.hidden,
                                    comm->config.max_topk, comm->num_local_experts, cc->chunk_tokens,
-                                   cc->chunk_tokens < cc->combine_chunk_tokens ? cc->chunk_tokens
-                                                                               : cc->combine_chunk_tokens);
+                                   cc->combine_chunk_tokens);
   EPX_CUDA_TRY(cudaMalloc((void **)&cc->region, cc->lay.total), "cudaMalloc (region)");
   /* Hello and progress words start at epoch 0 < every epoch a peer waits for. */
   EPX_CUDA_TRY(cudaMemsetAsync(cc->region, 0, cc->lay.total, cc->comm_stream), "cudaMemsetAsync");
@@ -963,9 +961,6 @@ static void write_trace_samples(epxComm_t comm, const EpxCudaState *st) {
   fclose(f);
 }
 
-/* EPX_CUDA_TRACE: the mean time from the start of each LL op's send kernel to
- * each point (cuda_common.cuh), per kind, on this rank. Reads the device state
- * only when the stream work is done and nothing failed. */
 /* One role's blocks of a normal op: the mean finish time of the earliest,
  * median and latest block, with the block and SM of the extremes. */
 static void print_trace_role(const EpxCudaState *st, int k, int blocks, unsigned long long nops,
@@ -1011,6 +1006,9 @@ static void print_trace_blocks(epxComm_t comm, const EpxCudaState *st) {
   }
 }
 
+/* EPX_CUDA_TRACE: the mean time from the start of each LL op's send kernel to
+ * each point (cuda_common.cuh), per kind, on this rank. Reads the device state
+ * only when the stream work is done and nothing failed. */
 static void print_trace(epxComm_t comm) {
   static const char *const kind_names[EPX_TRACE_KINDS] = {
       "LL dispatch", "LL combine", "dispatch", "combine", "LL dispatch (fused)", "LL combine (fused)"};

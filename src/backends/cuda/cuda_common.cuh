@@ -151,13 +151,14 @@ static inline __host__ __device__ EpxRegionLayout epx_cuda_region_layout(int nra
                                                                          int hidden, int max_topk,
                                                                          int num_local_experts,
                                                                          int chunk_tokens,
-                                                                         int smallest_chunk_tokens) {
+                                                                         int combine_chunk_tokens) {
   EpxRegionLayout l;
   size_t off = 0;
+  const int smallest_chunk = chunk_tokens < combine_chunk_tokens ? chunk_tokens : combine_chunk_tokens;
   l.rows = (long long)nranks * max_tokens;
   l.chunk_tokens = chunk_tokens;
   l.max_chunks = (max_tokens + chunk_tokens - 1) / chunk_tokens;
-  l.claim_chunks = (max_tokens + smallest_chunk_tokens - 1) / smallest_chunk_tokens;
+  l.claim_chunks = (max_tokens + smallest_chunk - 1) / smallest_chunk;
   l.hello_off = off;
   l.hello_stride = epx_cuda_align(sizeof(EpxHello) + sizeof(int) * (size_t)(nranks + num_local_experts), 128);
   off += l.hello_stride * EPX_CUDA_HELLO_SLOTS * (size_t)nranks;
