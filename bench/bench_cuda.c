@@ -183,7 +183,11 @@ static const char *cuda_default_machine(void) {
   while (len > 0 && slug[len - 1] == '-') --len;
   slug[len] = 0;
   if (!len) return NULL;
-  snprintf(machine_name, sizeof machine_name, "%s-x%d", slug, n);
+  /* the device kinds' names: nvidia-h200 for one GPU, nvidia-h200-x4 for four */
+  if (n == 1)
+    snprintf(machine_name, sizeof machine_name, "%s", slug);
+  else
+    snprintf(machine_name, sizeof machine_name, "%s-x%d", slug, n);
   return machine_name;
 }
 

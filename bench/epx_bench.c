@@ -103,8 +103,9 @@ static void usage(FILE *f) {
           "  --json FILE          merge result records into FILE (a JSON array)\n"
           "  --machine NAME       machine kind in the records (default $EPX_MACHINE, else "
           "from the GPUs\n"
-          "                       as <gpu name>-x<count> (e.g. nvidia-h200-x2) with the CUDA "
-          "backend,\n"
+          "                       as <gpu name>-x<count> (e.g. nvidia-h200-x2; one GPU: "
+          "nvidia-h200)\n"
+          "                       with the CUDA backend,\n"
           "                       else host-<nproc>cpu)\n"
           "  --timeout S          wall-clock limit of one mode's run (default %d)\n"
           "  --print-backend      print the backend and rank count a run would use, and exit\n",
