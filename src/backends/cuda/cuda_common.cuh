@@ -973,6 +973,48 @@ static __device__ __forceinline__ EpxLLRole epx_ll_whole_grid(void) {
   return r;
 }
 
+/* Exclusive prefix sums of value(0) .. value(n - 1) into out[0 .. n - 1],
+ * and their total into out[n], by every thread of the block together (out in
+ * shared memory; blockDim.x a multiple of 32). One load round trip per
+ * blockDim.x values: a loop of one thread would wait for each load in turn.
+ * Every thread must call it (it holds barriers). */
+template <typename ValueFn>
+static __device__ void epx_block_exclusive_scan(int n, ValueFn value, int *out) {
+  __shared__ int s_warp_sum[32];
+  __shared__ int s_carry;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  if (threadIdx.x == 0) s_carry = 0;
+  for (int base = 0; base < n; base += blockDim.x) {
+    const int j = base + threadIdx.x;
+    const int v = j < n ? value(j) : 0;
+    int x = v; /* inclusive sum over the warp */
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      const int y = __shfl_up_sync(0xffffffffu, x, d);
+      if (lane >= d) x += y;
+    }
+    if (lane == 31) s_warp_sum[warp] = x;
+    __syncthreads();
+    if (warp == 0) {
+      int w = lane < warps ? s_warp_sum[lane] : 0; /* inclusive over the warps */
+#pragma unroll
+      for (int d = 1; d < 32; d <<= 1) {
+        const int y = __shfl_up_sync(0xffffffffu, w, d);
+        if (lane >= d) w += y;
+      }
+      s_warp_sum[lane] = w;
+    }
+    __syncthreads();
+    const int before = s_carry + (warp > 0 ? s_warp_sum[warp - 1] : 0) + x - v;
+    if (j < n) out[j] = before;
+    __syncthreads(); /* every thread has read s_carry and s_warp_sum */
+    if (threadIdx.x == blockDim.x - 1) s_carry = before + v;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) out[n] = s_carry;
+  __syncthreads();
+}
+
 /* Last-block pattern shared by the LL kernels: each of the n blocks of a role
  * orders its global writes (peer and local) before its increment of *counter
  * by a system fence; the block that makes the count reach n has seen every

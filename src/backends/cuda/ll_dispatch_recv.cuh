@@ -23,6 +23,8 @@
 
 #include "backends/cuda/cuda_common.cuh"
 
+/* Sources whose per-expert counts a thread loads together. */
+#define EPX_LL_COUNTS_AT_ONCE 8
 /* 16-byte vectors a lane keeps in flight in the chunked placement. */
 #define EPX_LL_RECV_UNROLL 8
 
@@ -200,15 +202,25 @@ static __device__ void epx_ll_dispatch_recv_body(const EpxLLDispatchRecvParams &
     /* ---- first rows; per-expert outputs (block 0) ---- */
     for (int j = threadIdx.x; j < El; j += blockDim.x) {
       int acc = 0;
-      for (int s = 0; s < R; ++s) {
-        const int n = ((const int *)(epx_ll_hdr(c, slot, s) + 1))[j];
-        s_first[j * R + s] = acc;
-        if (role.block == 0) {
-          const long long range = epx_ll_range_pack(acc, n);
-          p.h_layout_range[(size_t)j * R + s] = range;
-          if (p.recv_layout_range) p.recv_layout_range[(size_t)j * R + s] = range;
+      /* the counts of a few sources loaded together: block 0's stores below
+       * would otherwise order each load after the previous source's stores */
+      for (int s0 = 0; s0 < R; s0 += EPX_LL_COUNTS_AT_ONCE) {
+        int n[EPX_LL_COUNTS_AT_ONCE];
+#pragma unroll
+        for (int u = 0; u < EPX_LL_COUNTS_AT_ONCE; ++u)
+          n[u] = s0 + u < R ? ((const int *)(epx_ll_hdr(c, slot, s0 + u) + 1))[j] : 0;
+#pragma unroll
+        for (int u = 0; u < EPX_LL_COUNTS_AT_ONCE; ++u) {
+          const int s = s0 + u;
+          if (s >= R) break;
+          s_first[j * R + s] = acc;
+          if (role.block == 0) {
+            const long long range = epx_ll_range_pack(acc, n[u]);
+            p.h_layout_range[(size_t)j * R + s] = range;
+            if (p.recv_layout_range) p.recv_layout_range[(size_t)j * R + s] = range;
+          }
+          acc += n[u];
         }
-        acc += n;
       }
       if (role.block == 0) {
         p.recv_count[j] = acc;
