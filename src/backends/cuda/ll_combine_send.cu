@@ -36,7 +36,7 @@ static __device__ unsigned long long epx_ll_combine_send_body(const EpxLLCombine
     s_epoch = epx_ll_read_epoch(c);
   }
   /* the rows of the experts before each one (the whole block: one thread
-   * summing El counts in turn was 4 us of the op at EP1, El = 256) */
+   * summing El counts in turn was 5 us of the op at EP1, El = 256) */
   if (!p.invalid)
     epx_block_exclusive_scan(
         El, [&](int j) { return min(max(p.h_recv_count[j], 0), (int)rpe); }, s_prefix);
