@@ -42,6 +42,31 @@ static epxResult_t check_slot_free(epxComm_t comm, hostComm *hc, const char *fn)
                    fn);
 }
 
+/* The header this rank posts for a low-latency op: a rejection (the call is
+ * invalid here, or both slots await their receive) or the shape both ops
+ * share. Returns 1 when it holds the shape, so the caller adds its op's own
+ * fields. */
+static int ll_header_start(epxComm_t comm, hostComm *hc, const epxCall_t *call, const char *fn,
+                           int hidden, int num_topk, int num_tokens, epxDataType_t topk_type,
+                           hostHeader *mine) {
+  memset(mine, 0, sizeof *mine);
+  epxResult_t res;
+  if (call->local_invalid) {
+    epx_host_header_reject(mine, call, epxInvalidArgument);
+    return 0;
+  }
+  if ((res = check_slot_free(comm, hc, fn)) != epxSuccess) {
+    epx_host_header_reject(mine, call, res);
+    return 0;
+  }
+  mine->hidden = hidden;
+  mine->num_topk = num_topk;
+  mine->num_tokens = num_tokens;
+  mine->topk_int64 = topk_type == epxInt64;
+  mine->has_topk = 1;
+  return 1;
+}
+
 static void record_peer_tokens(hostComm *hc, hostHandle *hh, uint64_t seq) {
   for (int s = 0; s < hc->nranks; ++s) hh->peer_tokens[s] = epx_host_header(hc, s, seq)->num_tokens;
 }
@@ -103,23 +128,13 @@ epxResult_t epx_host_ll_dispatch(epxComm_t comm, const epxCall_t *call,
                                  epxStream_t stream) {
   hostComm *hc = epx_host_of(comm);
   hostHeader mine;
-  memset(&mine, 0, sizeof mine);
-  epxResult_t res = epxSuccess;
-  if (call->local_invalid) {
-    epx_host_header_reject(&mine, call, epxInvalidArgument);
-  } else if ((res = check_slot_free(comm, hc, "epxLowLatencyDispatch")) != epxSuccess) {
-    epx_host_header_reject(&mine, call, res);
-  } else {
-    mine.hidden = args->hidden;
-    mine.num_topk = args->num_topk;
-    mine.num_tokens = args->num_tokens;
-    mine.topk_int64 = args->topk_idx_type == epxInt64;
-    mine.has_topk = 1;
+  if (ll_header_start(comm, hc, call, "epxLowLatencyDispatch", args->hidden, args->num_topk,
+                      args->num_tokens, args->topk_idx_type, &mine)) {
     mine.use_fp8 = args->use_fp8 != 0;
     mine.round_scale = args->round_scale != 0;
     mine.use_ue8m0 = args->use_ue8m0 != 0;
   }
-  res = epx_host_exchange(comm, call, &mine);
+  epxResult_t res = epx_host_exchange(comm, call, &mine);
   if (res != epxSuccess) return res;
 
   uint64_t op_number = ++hc->ll_ops;
@@ -208,21 +223,10 @@ epxResult_t epx_host_ll_combine(epxComm_t comm, const epxCall_t *call,
                                 void *combined_x, epxStream_t stream) {
   hostComm *hc = epx_host_of(comm);
   hostHeader mine;
-  memset(&mine, 0, sizeof mine);
-  epxResult_t res = epxSuccess;
-  if (call->local_invalid) {
-    epx_host_header_reject(&mine, call, epxInvalidArgument);
-  } else if ((res = check_slot_free(comm, hc, "epxLowLatencyCombine")) != epxSuccess) {
-    epx_host_header_reject(&mine, call, res);
-  } else {
-    mine.hidden = args->hidden;
-    mine.num_topk = args->num_topk;
-    mine.num_tokens = args->num_tokens;
-    mine.topk_int64 = args->topk_idx_type == epxInt64;
-    mine.has_topk = 1;
+  if (ll_header_start(comm, hc, call, "epxLowLatencyCombine", args->hidden, args->num_topk,
+                      args->num_tokens, args->topk_idx_type, &mine))
     mine.handle_seq = handle->filled_seq;
-  }
-  res = epx_host_exchange(comm, call, &mine);
+  epxResult_t res = epx_host_exchange(comm, call, &mine);
   if (res != epxSuccess) return res;
 
   uint64_t op_number = ++hc->ll_ops;
