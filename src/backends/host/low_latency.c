@@ -43,11 +43,10 @@ static epxResult_t check_slot_free(epxComm_t comm, hostComm *hc, const char *fn)
 }
 
 /* The header this rank posts for a low-latency op: a rejection (the call is
- * invalid here, or both slots await their receive) or the shape both ops
- * share. Returns 1 when it holds the shape, so the caller adds its op's own
- * fields. */
+ * invalid here - its arguments may then be NULL - or both slots await their
+ * receive), or else zeros for the caller to fill (ll_header_shape and the op's
+ * own fields). Returns 1 in the second case. */
 static int ll_header_start(epxComm_t comm, hostComm *hc, const epxCall_t *call, const char *fn,
-                           int hidden, int num_topk, int num_tokens, epxDataType_t topk_type,
                            hostHeader *mine) {
   memset(mine, 0, sizeof *mine);
   epxResult_t res;
@@ -59,12 +58,17 @@ static int ll_header_start(epxComm_t comm, hostComm *hc, const epxCall_t *call, 
     epx_host_header_reject(mine, call, res);
     return 0;
   }
+  return 1;
+}
+
+/* The shape both low-latency ops post. */
+static void ll_header_shape(hostHeader *mine, int hidden, int num_topk, int num_tokens,
+                            epxDataType_t topk_type) {
   mine->hidden = hidden;
   mine->num_topk = num_topk;
   mine->num_tokens = num_tokens;
   mine->topk_int64 = topk_type == epxInt64;
   mine->has_topk = 1;
-  return 1;
 }
 
 static void record_peer_tokens(hostComm *hc, hostHandle *hh, uint64_t seq) {
@@ -128,8 +132,8 @@ epxResult_t epx_host_ll_dispatch(epxComm_t comm, const epxCall_t *call,
                                  epxStream_t stream) {
   hostComm *hc = epx_host_of(comm);
   hostHeader mine;
-  if (ll_header_start(comm, hc, call, "epxLowLatencyDispatch", args->hidden, args->num_topk,
-                      args->num_tokens, args->topk_idx_type, &mine)) {
+  if (ll_header_start(comm, hc, call, "epxLowLatencyDispatch", &mine)) {
+    ll_header_shape(&mine, args->hidden, args->num_topk, args->num_tokens, args->topk_idx_type);
     mine.use_fp8 = args->use_fp8 != 0;
     mine.round_scale = args->round_scale != 0;
     mine.use_ue8m0 = args->use_ue8m0 != 0;
@@ -223,9 +227,10 @@ epxResult_t epx_host_ll_combine(epxComm_t comm, const epxCall_t *call,
                                 void *combined_x, epxStream_t stream) {
   hostComm *hc = epx_host_of(comm);
   hostHeader mine;
-  if (ll_header_start(comm, hc, call, "epxLowLatencyCombine", args->hidden, args->num_topk,
-                      args->num_tokens, args->topk_idx_type, &mine))
+  if (ll_header_start(comm, hc, call, "epxLowLatencyCombine", &mine)) {
+    ll_header_shape(&mine, args->hidden, args->num_topk, args->num_tokens, args->topk_idx_type);
     mine.handle_seq = handle->filled_seq;
+  }
   epxResult_t res = epx_host_exchange(comm, call, &mine);
   if (res != epxSuccess) return res;
 
