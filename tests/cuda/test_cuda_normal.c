@@ -631,7 +631,7 @@ static const ncase cases[] = {
      .T = 4096, .weights = 1, .comb_weights = 1, .seed = 109},
     {.name = "three_ranks_back_to_back_cycles", .R = 3, .E = 24, .H = 384, .K = 6, .T = 90, .vary = 1,
      .weights = 1, .nbias = 1, .comb_weights = 1, .iterations = 3, .cached = 2, .seed = 110},
-    /* 1100 experts: the layout's 64-expert spans, 18 expert clusters, the last one partial */
+    /* 1100 experts (275 a rank): the layout's shared histogram at 1105 bins, int32 ids with duplicates */
     {.name = "four_ranks_1100_experts_int32", .R = 4, .E = 1100, .H = 128, .K = 8, .T = 257, .int32 = 1,
      .routing = EPX_ROUTING_RANDOM_DUP, .weights = 1, .comb_weights = 1, .seed = 113},
     {.name = "standard_two_ranks_t4096_h7168_k8_e256", .R = 2, .E = 256, .H = 7168, .K = 8,
